@@ -1,0 +1,141 @@
+"""Every method and mode of empirical_ntk against the torch.func reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ntk
+from conftest import DEVICES, ZOO, assert_close, make
+
+MODES = ("full", "trace", "diagonal")
+
+
+def _brute_force_ntk(model, x1, x2):
+    """Θ from per-sample gradients by plain autograd, one output at a time: (N1, N2, K, K)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(x):
+        rows = []
+        for xi in x:
+            f = model(xi.unsqueeze(0)).reshape(-1)
+            rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                fa, params, retain_graph=True, allow_unused=True, materialize_grads=True)])
+                for fa in f]))
+        return torch.stack(rows)
+
+    j1, j2 = grads(x1), grads(x2)
+    return torch.einsum("nap,mbp->nmab", j1, j2)
+
+
+@pytest.mark.parametrize("name", ["mlp_tanh", "conv2d", "sequence", "embedding"])
+def test_jacobian_matches_brute_force(name):
+    model, x1, x2 = make(name, torch.float64, 4, 3)
+    expected = _brute_force_ntk(model, x1, x2)
+    actual = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian")
+    assert_close(actual, expected, torch.float64, f"jacobian vs autograd on {name}")
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("method", ["structured", "auto"])
+def test_methods_match_reference_float64(name, method):
+    model, x1, x2 = make(name, torch.float64, 7, 4)
+    for mode in MODES:
+        for other in (None, x2):
+            ref = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="jacobian")
+            got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method=method,
+                                          batch_size=3)
+            assert_close(got, ref, torch.float64,
+                         f"{method} on {name}, mode={mode}, x2={'None' if other is None else 'x2'}")
+
+
+@pytest.mark.parametrize("name", ["mlp_k10", "residual", "conv2d", "sequence"])
+def test_structured_float32(name):
+    model, x1, x2 = make(name, torch.float32, 9, 5)
+    for mode in MODES:
+        ref = torch_ntk.empirical_ntk(model.double(), x1.double() if x1.is_floating_point()
+                                      else x1, x2.double() if x2.is_floating_point() else x2,
+                                      mode=mode, method="jacobian").float()
+        model.float()
+        got = torch_ntk.empirical_ntk(model, x1, x2, mode=mode, method="structured")
+        assert got.dtype == torch.float32
+        assert_close(got, ref, torch.float32, f"structured float32 on {name}, mode={mode}")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 7, 100])
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_batch_size_does_not_change_result(batch_size, method):
+    model, x1, x2 = make("mlp_k10", torch.float64, 7, 6)
+    ref = torch_ntk.empirical_ntk(model, x1, method="jacobian", batch_size=7)
+    got = torch_ntk.empirical_ntk(model, x1, method=method, batch_size=batch_size)
+    assert_close(got, ref, torch.float64, f"{method}, batch_size={batch_size}, x2=None")
+    ref = torch_ntk.empirical_ntk(model, x1, x2, mode="diagonal", method="jacobian")
+    got = torch_ntk.empirical_ntk(model, x1, x2, mode="diagonal", method=method,
+                                  batch_size=batch_size)
+    assert_close(got, ref, torch.float64, f"{method}, batch_size={batch_size}, distinct x2")
+
+
+def test_symmetric_result_is_symmetric():
+    model, x1, _ = make("residual", torch.float64, 11, 1)
+    k = torch_ntk.empirical_ntk(model, x1, batch_size=4)
+    assert torch.equal(k, k.permute(1, 0, 3, 2))
+
+
+def test_single_sample_and_single_output():
+    model, x1, x2 = make("scalar_output", torch.float64, 1, 1)
+    k = torch_ntk.empirical_ntk(model, x1, x2)
+    assert k.shape == (1, 1, 1, 1)
+    ref = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian")
+    assert_close(k, ref, torch.float64, "N=1, K=1")
+    trace = torch_ntk.empirical_ntk(model, x1, mode="trace")
+    assert trace.shape == (1, 1) and float(trace) > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_out_is_filled_and_returned(mode, symmetric):
+    model, x1, x2 = make("mlp_k10", torch.float64, 7, 5)
+    other = None if symmetric else x2
+    ref = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="jacobian")
+    out = torch.full(ref.shape, float("nan"), dtype=torch.float64)
+    got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, batch_size=3, out=out)
+    assert got is out
+    assert_close(out, ref, torch.float64, f"out= in mode {mode}")
+
+
+def test_out_may_be_a_strided_view():
+    model, x1, x2 = make("mlp_k10", torch.float64, 7, 5)
+    big = torch.zeros(9, 8, dtype=torch.float64)
+    view = big[1:8, 2:7]
+    torch_ntk.empirical_ntk(model, x1, x2, mode="trace", batch_size=3, out=view)
+    ref = torch_ntk.empirical_ntk(model, x1, x2, mode="trace", method="jacobian")
+    assert_close(big[1:8, 2:7], ref, torch.float64, "out= view")
+    assert float(big[0].abs().sum() + big[:, :2].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_result_on_model_device_with_model_dtype(device):
+    model, x1, _ = make("mlp_relu", torch.float32, 4, 1)
+    model, x1 = model.to(device), x1.to(device)
+    k = torch_ntk.empirical_ntk(model, x1, mode="diagonal")
+    assert k.device.type == device and k.dtype == torch.float32 and k.shape == (4, 4, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compute_streams_into_host_out():
+    model, x1, _ = make("mlp_k10", torch.float64, 33, 1)
+    ref = torch_ntk.empirical_ntk(model, x1, mode="trace", method="jacobian")
+    out = torch.empty(33, 33, dtype=torch.float64)
+    torch_ntk.empirical_ntk(model.cuda(), x1.cuda(), mode="trace", batch_size=8, out=out)
+    assert_close(out, ref, torch.float64, "cuda -> host out=")
+
+
+def test_auto_uses_jacobian_when_nothing_factorises():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.LayerNorm(6)).double()
+    x = torch.randint(0, 5, (4, 2))
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            raise AssertionError("test model must not contain Linear layers")
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    got = torch_ntk.empirical_ntk(model, x, method="auto")
+    assert_close(got, ref, torch.float64, "auto without factorisable layers")

@@ -1,0 +1,1 @@
+def analytic_ntk(*a, **k): raise RuntimeError("under construction")

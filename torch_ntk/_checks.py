@@ -1,0 +1,129 @@
+"""Every user-input check of empirical_ntk, with the message that says what to do."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("full", "trace", "diagonal")
+METHODS = ("auto", "structured", "jacobian")
+
+_STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+               nn.FeatureAlphaDropout)
+
+
+def check_options(mode: str, method: str, batch_size: int | None) -> None:
+    """Validates the keyword options of empirical_ntk."""
+    if mode not in MODES:
+        raise ValueError(f"empirical_ntk: mode must be one of {MODES}, got {mode!r}.")
+    if method not in METHODS:
+        raise ValueError(f"empirical_ntk: method must be one of {METHODS}, got {method!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool)
+                                   or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(
+            f"empirical_ntk: batch_size must be a positive int or None, got {batch_size!r}.")
+
+
+def check_model(model: nn.Module) -> dict[str, Tensor]:
+    """Returns the model's trainable parameters by name; rejects models that can't have an NTK."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            "empirical_ntk: the model has no parameter with requires_grad=True, so its NTK is "
+            "empty. Unfreeze the parameters the kernel should be taken over.")
+    dtypes = {p.dtype for p in params.values()}
+    devices = {p.device for p in params.values()}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"empirical_ntk: all trainable parameters must share one dtype and device; found "
+            f"dtypes {sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}. "
+            "Call model.to(device, dtype) first.")
+    dtype = next(iter(dtypes))
+    if not dtype.is_floating_point:
+        raise ValueError(f"empirical_ntk: trainable parameters must be floating point, got {dtype}.")
+    for name, module in model.named_modules():
+        label = name or type(model).__name__
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"empirical_ntk: module {label!r} ({type(module).__name__}) is in training mode, "
+                "where it normalises with batch statistics, so samples interact and the per-sample "
+                "NTK is undefined. Call model.eval() first (or use a per-sample norm such as "
+                "LayerNorm/GroupNorm).")
+        if isinstance(module, _STOCHASTIC) and module.training and module.p > 0:
+            raise ValueError(
+                f"empirical_ntk: module {label!r} ({type(module).__name__}) is in training mode "
+                "and makes the output random, so the NTK is undefined. Call model.eval() first.")
+    return params
+
+
+def check_inputs(x1: Tensor, x2: Tensor | None, param: Tensor) -> None:
+    """Checks x1/x2 against each other and against the model's device and dtype."""
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"empirical_ntk: {name} must be a torch.Tensor, got {type(x).__name__}.")
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(
+                f"empirical_ntk: {name} must have a non-empty batch dimension first, got shape "
+                f"{tuple(x.shape)}.")
+        if x.device != param.device:
+            raise ValueError(
+                f"empirical_ntk: {name} is on {x.device} but the model's parameters are on "
+                f"{param.device}. Move them to one device (e.g. {name}.to({str(param.device)!r})).")
+        if x.is_floating_point() and x.dtype != param.dtype:
+            raise ValueError(
+                f"empirical_ntk: {name} has dtype {x.dtype} but the model's parameters have "
+                f"{param.dtype}. Cast one of them (e.g. {name}.to({param.dtype})).")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"empirical_ntk: {name} contains NaN or infinite values.")
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(
+            f"empirical_ntk: x1 and x2 must match after the batch dimension; got x1 "
+            f"{tuple(x1.shape)} and x2 {tuple(x2.shape)}. Pass x2=None for the kernel of x1 with "
+            "itself.")
+    if x2 is not None and x2.dtype != x1.dtype:
+        raise ValueError(f"empirical_ntk: x1 has dtype {x1.dtype} but x2 has {x2.dtype}.")
+
+
+def check_output(f: object, n: int, where: str) -> Tensor:
+    """Checks one forward result ``f`` (Tensor[n, *out_shape]) and returns it flat (n, K)."""
+    if not isinstance(f, Tensor):
+        raise TypeError(
+            f"empirical_ntk: the model must return one Tensor, got {type(f).__name__}. Wrap it so "
+            "that forward returns a single Tensor of shape (N, ...).")
+    if f.dim() < 1 or f.shape[0] != n:
+        raise ValueError(
+            f"empirical_ntk: the model mapped a batch of {n} inputs to an output of shape "
+            f"{tuple(f.shape)}; the output must keep the batch dimension first.")
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError(
+            f"empirical_ntk: the model's output is not finite (NaN or inf) on {where}; its NTK is "
+            "undefined there. Check the inputs and the parameters.")
+    return f.reshape(n, -1)
+
+
+def check_independent(f_batch: Tensor, f_single: Tensor, row: int) -> None:
+    """Raises when row ``row`` of a batched forward differs from the same sample run alone."""
+    scale = float(f_batch.abs().max()) + float(f_single.abs().max()) + 1e-30
+    tol = 1e3 * torch.finfo(f_batch.dtype).eps * max(1.0, math.sqrt(f_batch.shape[-1]))
+    if float((f_batch[row] - f_single[0]).abs().max()) > tol * scale:
+        raise ValueError(
+            "empirical_ntk: the model's output for a sample depends on the other samples in the "
+            "batch (e.g. batch statistics or attention across the batch), so the per-sample NTK "
+            "is undefined. Make the forward pass act on each sample independently.")
+
+
+def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Checks a user-supplied ``out=`` tensor."""
+    if out is None:
+        return
+    if not isinstance(out, Tensor):
+        raise TypeError(f"empirical_ntk: out must be a torch.Tensor, got {type(out).__name__}.")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"empirical_ntk: out must have shape {tuple(shape)} and dtype {dtype} (the model's), "
+            f"got shape {tuple(out.shape)} and dtype {out.dtype}.")

@@ -1,0 +1,151 @@
+"""Module-tree coverage of the structured method: what it factorises and what it hands over."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ntk
+from torch_ntk._structured import StructuredNTK
+from conftest import assert_close, make
+
+
+def _check(model, x1, x2=None, batch_size=None):
+    for mode in ("full", "trace", "diagonal"):
+        ref = torch_ntk.empirical_ntk(model, x1, x2, mode=mode, method="jacobian")
+        got = torch_ntk.empirical_ntk(model, x1, x2, mode=mode, method="structured",
+                                      batch_size=batch_size)
+        assert_close(got, ref, torch.float64, f"structured vs jacobian, mode={mode}")
+
+
+def _engine(model, x):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    engine = StructuredNTK(model, params)
+    engine.plan(x[torch.arange(5) % x.shape[0]])
+    return engine
+
+
+class FlattenedTokens(nn.Module):
+    """Folds the sequence into the batch axis: the Linear never sees the batch first."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Linear(4, 5)
+        self.head = nn.Linear(15, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = torch.tanh(self.tok(x.reshape(n * 3, 4)))
+        return self.head(h.reshape(n, 15))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class ScaledResidual(nn.Module):
+    """A bare nn.Parameter, a Linear called twice on 2-D input and an unused layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gain = nn.Parameter(torch.tensor([0.7, 1.3, -0.4, 1.0]))
+        self.unused = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.sin(self.lin(x))
+        h = self.gain * self.lin(h) + x
+        return self.head(h)
+
+
+class CustomLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) ** 2
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[0] >= 5:  # the probe batch has 5 rows, the blocks below 4
+            h = self.a(torch.tanh(h))
+        return self.b(h)
+
+
+def test_batch_folded_into_rows_goes_to_jacobian():
+    model = FlattenedTokens().double()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    engine = _engine(model, x)
+    assert set(engine.foreign) == {"tok.weight", "tok.bias"}
+    _check(model, x, torch.randn(3, 12, dtype=torch.float64), batch_size=3)
+
+
+def test_tied_weights_are_exact():
+    model = Tied().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    engine = _engine(model, x)
+    assert {"a.weight", "a.bias", "b.bias"} <= set(engine.foreign)
+    _check(model, x, batch_size=4)
+
+
+def test_bare_parameter_repeated_call_and_unused_layer():
+    model = ScaledResidual().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    engine = _engine(model, x)
+    assert set(engine.foreign) == {"gain"}
+    assert [(l.name, l.calls) for l in engine.layers] == [("lin", 2), ("head", 1)]
+    _check(model, x, torch.randn(4, 4, dtype=torch.float64), batch_size=5)
+
+
+def test_subclass_with_custom_forward_is_not_factorised():
+    model = nn.Sequential(CustomLinear(4, 3), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert set(_engine(model, x).foreign) == {"0.weight", "0.bias"}
+    _check(model, x)
+
+
+def test_circular_padding_conv_is_exact():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Tanh(),
+                          nn.Conv2d(2, 1, 2), nn.Flatten()).double()
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    assert set(_engine(model, x).foreign) == {"0.weight", "0.bias"}
+    _check(model, x)
+
+
+def test_mlp_never_forms_a_jacobian():
+    model, x, _ = make("mlp_k10", torch.float64, 6, 1)
+    engine = _engine(model, x)
+    assert engine.foreign == {} and all(not l.per_position for l in engine.layers)
+
+
+def test_frozen_weight_trainable_bias():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    _check(model, torch.randn(5, 4, dtype=torch.float64))
+
+
+def test_linear_over_several_leading_axes():
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 2, 5, 3, dtype=torch.float64)
+    _check(model, x, torch.randn(3, 2, 5, 3, dtype=torch.float64), batch_size=2)
+
+
+def test_structure_changing_with_input_is_an_error():
+    model = DataDependent().double()
+    with pytest.raises(ValueError, match="structure depends on its input"):
+        torch_ntk.empirical_ntk(model, torch.randn(8, 4, dtype=torch.float64), batch_size=4,
+                                method="structured")

@@ -146,8 +146,12 @@ class StructuredNTK:
                 pooled.extend(_per_sample_gradients(layer, calls))
             else:
                 h, delta = calls[0]
-                out.h.append(h * layer.w_scale if layer.weight else h.new_empty(n, 0))
-                out.d.append(delta.transpose(0, 1))
+                if not layer.weight:
+                    h = h.new_empty(n, 0)
+                elif layer.w_scale != 1.0:
+                    h = h * layer.w_scale
+                out.h.append(h.contiguous())
+                out.d.append(delta.transpose(0, 1).contiguous())
                 out.c.append(layer.b_scale ** 2 if layer.bias else 0.0)
         if self.foreign:
             pooled.append(_jacobian.per_sample_jacobian(self.model, self.foreign, x))

@@ -1,5 +1,76 @@
-"""Build torch_ntk and its native core ``torch_ntk._C``."""
+"""Build torch_ntk and its native core ``torch_ntk._C``.
+
+The extension is built from every source under ``csrc/``: the C++ (CPU) kernel whenever a C++
+compiler is found, the CUDA kernel too when torch is a CUDA build and nvcc is found (a GPU is
+not needed to compile). Environment switches:
+
+- ``TORCH_NTK_NO_NATIVE=1``: skip the extension; the pure-torch path is used everywhere.
+- ``TORCH_NTK_FORCE_CUDA=1``: fail instead of building a CPU-only extension.
+- ``TORCH_NTK_DEBUG=1``: ``-O0 -g`` instead of ``-O3``.
+- ``CUDA_HOME`` (default ``/usr/local/cuda`` when it exists) and ``TORCH_CUDA_ARCH_LIST``
+  (default ``"8.0;9.0"`` when no GPU is visible) as read by ``torch.utils.cpp_extension``.
+"""
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _native_extensions():
+    """The ``torch_ntk._C`` extension and the build command, or ``([], {})`` when skipped."""
+    if _flag("TORCH_NTK_NO_NATIVE"):
+        return [], {}
+    if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # read when cpp_extension is imported
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        if _flag("TORCH_NTK_FORCE_CUDA"):
+            sys.exit(f"TORCH_NTK_FORCE_CUDA=1 but no C++ compiler ({cxx}) was found.")
+        print(f"torch_ntk: no C++ compiler ({cxx}); building without the native core.")
+        return [], {}
+
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    with_cuda = bool(torch.version.cuda) and nvcc is not None and os.path.exists(nvcc)
+    if _flag("TORCH_NTK_FORCE_CUDA") and not with_cuda:
+        sys.exit(f"TORCH_NTK_FORCE_CUDA=1 but CUDA can't be built: torch.version.cuda="
+                 f"{torch.version.cuda!r}, nvcc={nvcc!r}. Set CUDA_HOME to the toolkit.")
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+    debug = _flag("TORCH_NTK_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cxx_args = opt + ["-fopenmp"]
+    args = {"cxx": cxx_args}
+    macros = []
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+        args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        if debug:
+            args["nvcc"] += ["-G"]
+        macros.append(("WITH_CUDA", None))
+        extension = cpp_extension.CUDAExtension
+    else:
+        extension = cpp_extension.CppExtension
+    ext = extension("torch_ntk._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                    define_macros=macros, extra_compile_args=args, extra_link_args=["-fopenmp"])
+    build = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [ext], {"build_ext": build}
+
+
+ext_modules, cmdclass = _native_extensions()
 
 setup(
     name="torch_ntk",
@@ -9,4 +80,6 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "scipy"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                             "func-ntk-vp (default: all)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    bench.add_argument("--no-kernel", action="store_true",
+                       help="skip the native-vs-pure-torch Gram-sum kernel table")
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
 
     args = parser.parse_args(argv)
@@ -51,6 +53,12 @@ def _bench_command(args: argparse.Namespace) -> int:
                               device=args.device, repeats=args.repeats)
     print()
     print(_bench.format_table(result))
+    if not args.no_kernel:
+        from torch_ntk import _bench_gram
+        print("\nGram-sum kernel on the MLP's factors (native vs pure torch"
+              + (", and a same-FLOP cuBLAS GEMM):" if args.device == "cuda" else "):"))
+        result["kernel"] = _bench_gram.run(args.device, sizes=tuple(args.sizes),
+                                           modes=tuple(args.modes), repeats=args.repeats)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

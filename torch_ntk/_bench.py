@@ -96,7 +96,7 @@ def machine_info(device: str = "cpu") -> dict:
     import torch_ntk
     info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(),
                 torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu=_cpu_model(), memory_gib=round(_total_memory_gib(), 1),
+                cpu=cpu_model(), memory_gib=round(_total_memory_gib(), 1),
                 native=torch_ntk.native.info())
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -124,6 +124,19 @@ def main_worker(argv: list[str]) -> None:
     times.sort()
     print(json.dumps(dict(method=method, n=n, mode=mode, seconds=times[len(times) // 2],
                           repeats=len(times), peak_rss_gib=_peak_rss_gib())))
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
 
 
 # Internal helpers
@@ -199,17 +212,6 @@ def _peak_rss_gib() -> float:
 
 def _total_memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _sync(device: str) -> None:

@@ -1,0 +1,248 @@
+// CPU kernel of the gram_sum op family: output tiles in parallel, layers accumulated per tile.
+//
+// Each task owns an output tile of tn x tm samples. For every layer it computes the tile's input
+// Gram G_h = H1 H2^T (tn, tm) and output-gradient Gram G_d with ATen GEMMs into task-local
+// buffers, then adds (G_h + c) * G_d straight into out (the first layer overwrites). Extra memory
+// is two tile buffers per thread; out is written in place through its strides.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../gram_sum.h"
+
+namespace torch_ntk {
+namespace {
+
+// One layer's factors in canonical layout: h (N, p) and d (N, K, q), both contiguous.
+struct Layer {
+  at::Tensor h1, h2, d1, d2;
+  double c;
+  int64_t p, q;
+};
+
+struct Tile {
+  int64_t n0, tn, m0, tm;
+};
+
+std::vector<Layer> canonical_layers(at::TensorList h1, at::TensorList h2, at::TensorList d1,
+                                    at::TensorList d2, at::ArrayRef<double> c) {
+  std::vector<Layer> layers;
+  for (size_t l = 0; l < h1.size(); ++l) {
+    if (d1[l].size(2) == 0) continue;  // q = 0: the layer contributes nothing
+    at::Tensor h1c = h1[l].contiguous(), d1c = d1[l].contiguous();
+    at::Tensor h2c = h2[l].is_same(h1[l]) ? h1c : h2[l].contiguous();
+    at::Tensor d2c = d2[l].is_same(d1[l]) ? d1c : d2[l].contiguous();
+    layers.push_back({h1c, h2c, d1c, d2c, c[l], h1[l].size(1), d1[l].size(2)});
+  }
+  return layers;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tile edge in samples: GEMMs of about `rows` rows (K*t in full mode), halved until every
+// thread has at least two tiles.
+int64_t choose_tile(GramMode mode, int64_t k, int64_t n1, int64_t n2, bool sym) {
+  const int64_t rows = mode == GramMode::Full ? 320 : (mode == GramMode::Trace ? 256 : 128);
+  const int64_t per = mode == GramMode::Full ? std::max<int64_t>(k, 1) : 1;
+  int64_t t = std::max<int64_t>(8, rows / per);
+  const int64_t want = 2 * at::get_num_threads();
+  auto count = [&](int64_t s) {
+    const int64_t b1 = ceil_div(n1, s), b2 = ceil_div(n2, s);
+    return sym ? b1 * (b1 + 1) / 2 : b1 * b2;
+  };
+  while (t > 8 && count(t) < want) t = std::max<int64_t>(8, t / 2);
+  return t;
+}
+
+std::vector<Tile> make_tiles(int64_t n1, int64_t n2, int64_t t, bool sym) {
+  std::vector<Tile> tiles;
+  for (int64_t n0 = 0; n0 < n1; n0 += t) {
+    for (int64_t m0 = sym ? n0 : 0; m0 < n2; m0 += t) {
+      tiles.push_back({n0, std::min(t, n1 - n0), m0, std::min(t, n2 - m0)});
+    }
+  }
+  return tiles;
+}
+
+// out[i, j, a, b] (+)= (gh[i, j] + c) * gd[i*K + a, j*K + b] over the tile.
+template <typename scalar_t, bool kFirst, bool kUnitStride>
+void add_full(scalar_t* out, const int64_t* st, const scalar_t* gh, scalar_t c,
+              const scalar_t* gd, int64_t tn, int64_t tm, int64_t k) {
+  const int64_t s3 = kUnitStride ? 1 : st[3];
+  for (int64_t i = 0; i < tn; ++i) {
+    for (int64_t a = 0; a < k; ++a) {
+      const scalar_t* gd_row = gd + (i * k + a) * tm * k;
+      scalar_t* out_row = out + i * st[0] + a * st[2];
+      for (int64_t j = 0; j < tm; ++j) {
+        const scalar_t g = gh ? gh[i * tm + j] + c : c;
+        const scalar_t* src = gd_row + j * k;
+        scalar_t* dst = out_row + j * st[1];
+        for (int64_t b = 0; b < k; ++b) {
+          if (kFirst) {
+            dst[b * s3] = g * src[b];
+          } else {
+            dst[b * s3] += g * src[b];
+          }
+        }
+      }
+    }
+  }
+}
+
+// out[i, j(, a)] (+)= (gh[i, j] + c) * gd[(a,) i, j]; trace when k_diag == 1 and st[2] unused.
+template <typename scalar_t, bool kFirst>
+void add_small(scalar_t* out, const int64_t* st, const scalar_t* gh, scalar_t c,
+               const scalar_t* gd, int64_t tn, int64_t tm, int64_t k_diag) {
+  for (int64_t a = 0; a < k_diag; ++a) {
+    const scalar_t* gd_a = gd + a * tn * tm;
+    for (int64_t i = 0; i < tn; ++i) {
+      scalar_t* dst = out + i * st[0] + a * st[2];
+      for (int64_t j = 0; j < tm; ++j) {
+        const scalar_t g = gh ? gh[i * tm + j] + c : c;
+        if (kFirst) {
+          dst[j * st[1]] = g * gd_a[i * tm + j];
+        } else {
+          dst[j * st[1]] += g * gd_a[i * tm + j];
+        }
+      }
+    }
+  }
+}
+
+// Zeroes the tile (no contributing layer).
+template <typename scalar_t>
+void zero_tile(scalar_t* out, const int64_t* st, int64_t dim, int64_t tn, int64_t tm,
+               int64_t k) {
+  const int64_t ka = dim >= 3 ? k : 1, kb = dim == 4 ? k : 1;
+  for (int64_t i = 0; i < tn; ++i)
+    for (int64_t j = 0; j < tm; ++j)
+      for (int64_t a = 0; a < ka; ++a)
+        for (int64_t b = 0; b < kb; ++b)
+          out[i * st[0] + j * st[1] + a * (dim >= 3 ? st[2] : 0) + b * (dim == 4 ? st[3] : 0)] =
+              scalar_t(0);
+}
+
+// Symmetric case: writes the transpose of tile (n0, m0) into (m0, n0); on a diagonal tile
+// (n0 == m0) copies its upper half onto its lower half, so out is exactly symmetric.
+template <typename scalar_t>
+void mirror_tile(scalar_t* base, const int64_t* st, int64_t dim, const Tile& t, int64_t k) {
+  const int64_t ka = dim >= 3 ? k : 1, kb = dim == 4 ? k : 1;
+  const int64_t s2 = dim >= 3 ? st[2] : 0, s3 = dim == 4 ? st[3] : 0;
+  const bool diag_tile = t.n0 == t.m0;
+  for (int64_t i = 0; i < t.tn; ++i) {
+    const int64_t n = t.n0 + i;
+    for (int64_t j = diag_tile ? i : 0; j < t.tm; ++j) {
+      const int64_t m = t.m0 + j;
+      const scalar_t* src = base + n * st[0] + m * st[1];
+      scalar_t* dst = base + m * st[0] + n * st[1];
+      for (int64_t a = 0; a < ka; ++a) {
+        for (int64_t b = (n == m && dim == 4) ? a + 1 : 0; b < kb; ++b) {
+          if (dim == 4) {
+            dst[b * s2 + a * s3] = src[a * s2 + b * s3];
+          } else if (n != m) {
+            dst[a * s2] = src[a * s2];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t k,
+                       const at::Tensor& out, bool sym) {
+  const int64_t n1 = out.size(0), n2 = out.size(1), dim = out.dim();
+  if (n1 == 0 || n2 == 0 || out.numel() == 0) return;
+  const int64_t t = choose_tile(mode, k, n1, n2, sym);
+  const std::vector<Tile> tiles = make_tiles(n1, n2, t, sym);
+  int64_t st[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < dim; ++i) st[i] = out.stride(i);
+  scalar_t* out_base = out.data_ptr<scalar_t>();
+  const auto opts = out.options();
+  const int64_t gd_elems = mode == GramMode::Trace ? t * t : t * t * k * k;
+  const int64_t kd = mode == GramMode::Diagonal ? k : 1;
+
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    at::Tensor gh_buf = at::empty({t * t}, opts);
+    at::Tensor gd_buf = at::empty({std::max<int64_t>(gd_elems, 1)}, opts);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Tile& tile = tiles[ti];
+      const int64_t tn = tile.tn, tm = tile.tm;
+      scalar_t* out_tile = out_base + tile.n0 * st[0] + tile.m0 * st[1];
+      bool first = true;
+      for (const Layer& ly : layers) {
+        const scalar_t* gh = nullptr;
+        if (ly.p > 0) {
+          at::Tensor gh_t = gh_buf.narrow(0, 0, tn * tm).view({tn, tm});
+          at::mm_out(gh_t, ly.h1.narrow(0, tile.n0, tn), ly.h2.narrow(0, tile.m0, tm).t());
+          gh = gh_buf.data_ptr<scalar_t>();
+        }
+        const scalar_t c = static_cast<scalar_t>(ly.c);
+        const scalar_t* gd = gd_buf.data_ptr<scalar_t>();
+        if (mode == GramMode::Full) {
+          at::Tensor gd_t = gd_buf.narrow(0, 0, tn * k * tm * k).view({tn * k, tm * k});
+          at::mm_out(gd_t, ly.d1.view({-1, ly.q}).narrow(0, tile.n0 * k, tn * k),
+                     ly.d2.view({-1, ly.q}).narrow(0, tile.m0 * k, tm * k).t());
+          const bool unit = st[3] == 1;
+          if (first && unit) add_full<scalar_t, true, true>(out_tile, st, gh, c, gd, tn, tm, k);
+          else if (first) add_full<scalar_t, true, false>(out_tile, st, gh, c, gd, tn, tm, k);
+          else if (unit) add_full<scalar_t, false, true>(out_tile, st, gh, c, gd, tn, tm, k);
+          else add_full<scalar_t, false, false>(out_tile, st, gh, c, gd, tn, tm, k);
+        } else {
+          if (mode == GramMode::Trace) {
+            at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
+            at::mm_out(gd_t, ly.d1.view({-1, k * ly.q}).narrow(0, tile.n0, tn),
+                       ly.d2.view({-1, k * ly.q}).narrow(0, tile.m0, tm).t());
+          } else {
+            for (int64_t a = 0; a < k; ++a) {
+              at::Tensor gd_t = gd_buf.narrow(0, a * tn * tm, tn * tm).view({tn, tm});
+              at::mm_out(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
+                         ly.d2.select(1, a).narrow(0, tile.m0, tm).t());
+            }
+          }
+          if (first) add_small<scalar_t, true>(out_tile, st, gh, c, gd, tn, tm, kd);
+          else add_small<scalar_t, false>(out_tile, st, gh, c, gd, tn, tm, kd);
+        }
+        first = false;
+      }
+      if (first) zero_tile<scalar_t>(out_tile, st, dim, tn, tm, k);
+      if (sym) mirror_tile<scalar_t>(out_base, st, dim, tile, k);
+    }
+  });
+}
+
+void run_cpu(const std::vector<Layer>& layers, GramMode mode, int64_t k, const at::Tensor& out,
+             bool sym) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gram_sum_cpu", [&] {
+    gram_sum_cpu_impl<scalar_t>(layers, mode, k, out, sym);
+  });
+}
+
+void gram_sum_out_cpu(at::TensorList h1, at::TensorList h2, at::TensorList d1,
+                      at::TensorList d2, at::ArrayRef<double> c, c10::string_view mode,
+                      const at::Tensor& out) {
+  const char* op = "gram_sum_out";
+  const GramMode m = parse_mode(std::string(mode), op);
+  const int64_t k = check_gram_inputs(op, h1, h2, d1, d2, c, m, out);
+  run_cpu(canonical_layers(h1, h2, d1, d2, c), m, k, out, false);
+}
+
+void gram_sum_sym_out_cpu(at::TensorList h, at::TensorList d, at::ArrayRef<double> c,
+                          c10::string_view mode, const at::Tensor& out) {
+  const char* op = "gram_sum_sym_out";
+  const GramMode m = parse_mode(std::string(mode), op);
+  const int64_t k = check_gram_sym_inputs(op, h, d, c, m, out);
+  run_cpu(canonical_layers(h, h, d, d, c), m, k, out, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ntk, CPU, m) {
+  m.impl("gram_sum_out", &gram_sum_out_cpu);
+  m.impl("gram_sum_sym_out", &gram_sum_sym_out_cpu);
+}
+
+}  // namespace torch_ntk

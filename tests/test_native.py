@@ -1,0 +1,232 @@
+"""The native gram_sum ops (C++ and CUDA) against the pure-torch twin ``_gram_sum_torch``."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from torch_ntk import _ops, native
+from torch_ntk._gram import _gram_sum_torch, gram_sum
+
+MODES = ("full", "trace", "diagonal")
+DTYPES = (torch.float32, torch.float64)
+# Relative to the largest entry of the float64 reference.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+needs_native = pytest.mark.skipif(
+    _ops._C is None, reason=f"torch_ntk._C did not load: {_ops.LOAD_ERROR}")
+_CUDA_OK = torch.cuda.is_available() and _ops.cuda_version() > 0
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not _CUDA_OK, reason="needs a CUDA device and the CUDA kernel compiled in")),
+]
+
+# (N1, N2, K, p per layer, q per layer): awkward sizes, p = 0 and q = 0 layers, 0 to 14 layers.
+CASES = [
+    (1, 1, 1, [3], [2]),
+    (7, 33, 3, [5, 0, 4], [3, 2, 1]),
+    (33, 7, 10, [0], [7]),
+    (257, 33, 2, [9, 1, 0, 13, 2, 5], [3, 11, 1, 4, 7, 2]),
+    (70, 257, 1, [31], [17]),
+    (5, 6, 3, [], []),
+    (9, 11, 2, [1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2], [2, 1, 0, 3, 2, 1, 1, 3, 2, 1, 2, 3, 1, 2]),
+]
+
+
+def _random_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    n_layers = ri(1, 6)
+    return (ri(1, 300), ri(1, 300), ri(1, 10), [ri(0, 25) for _ in range(n_layers)],
+            [ri(1, 25) for _ in range(n_layers)])
+
+
+CASES += [_random_case(seed) for seed in range(3)]
+
+
+def _factors(n, k, ps, qs, dtype, device, seed):
+    """h (N, p) and d (N, K, q) per layer; every other d is a non-contiguous (K, N, q) transpose."""
+    g = torch.Generator().manual_seed(seed)
+    h = [torch.randn(n, p, generator=g, dtype=torch.float64).to(device, dtype) for p in ps]
+    d = []
+    for l, q in enumerate(qs):
+        t = torch.randn(k, n, q, generator=g, dtype=torch.float64).to(device, dtype)
+        d.append(t.transpose(0, 1) if l % 2 else t.transpose(0, 1).contiguous())
+    return h, d
+
+
+def _shape(mode, n1, n2, k):
+    return {"full": (n1, n2, k, k), "trace": (n1, n2), "diagonal": (n1, n2, k)}[mode]
+
+
+def _reference(h1, h2, d1, d2, c, mode, n1, n2, k, symmetric=False):
+    """float64 pure-torch result on the same factors."""
+    f64 = [[t.double() for t in ts] for ts in (h1, h2, d1, d2)]
+    out = torch.empty(_shape(mode, n1, n2, k), dtype=torch.float64, device=h1[0].device
+                      if h1 else "cpu")
+    return _gram_sum_torch(*f64, c, mode=mode, out=out, symmetric=symmetric)
+
+
+def _assert_close(actual, expected, rel, what):
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rel,
+                               atol=rel * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _mirror(t, mode):
+    return t.permute(1, 0, 3, 2) if mode == "full" else t.transpose(0, 1)
+
+
+@needs_native
+@pytest.mark.parametrize("symmetric", [False, True], ids=["distinct", "symmetric"])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_torch_into_slice(device, dtype, mode, case, symmetric):
+    n1, n2, k, ps, qs = case
+    n2 = n1 if symmetric else n2
+    c = [0.5 + l for l in range(len(ps))]
+    h1, d1 = _factors(n1, k, ps, qs, dtype, device, seed=1)
+    h2, d2 = (h1, d1) if symmetric else _factors(n2, k, ps, qs, dtype, device, seed=2)
+    big = torch.full((n1 + 6, n2 + 9) + _shape(mode, n1, n2, k)[2:], float("nan"),
+                     dtype=dtype, device=device)
+    out = big[3:3 + n1, 5:5 + n2]
+    if symmetric:
+        torch.ops.torch_ntk.gram_sum_sym_out(h1, d1, c, mode, out)
+    else:
+        torch.ops.torch_ntk.gram_sum_out(h1, h2, d1, d2, c, mode, out)
+    ref = _reference(h1, h2, d1, d2, c, mode, n1, n2, k, symmetric)
+    _assert_close(out, ref, TOL[dtype], f"native {device} {mode} {dtype} sym={symmetric}")
+    outside = big.clone()
+    outside[3:3 + n1, 5:5 + n2] = 0
+    assert outside.isnan().sum() == big.numel() - out.numel(), "wrote outside the out slice"
+    if symmetric:
+        assert torch.equal(out, _mirror(out, mode)), "symmetric result is not exactly symmetric"
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_sum_uses_native_and_agrees(device):
+    h, d = _factors(40, 4, [6, 0], [5, 3], torch.float64, device, seed=3)
+    c = [1.0, 1.0]
+    assert _ops.has_kernel(torch.device(device).type)
+    for mode in MODES:
+        for symmetric in (False, True):
+            out = torch.empty(_shape(mode, 40, 40, 4), dtype=torch.float64, device=device)
+            gram_sum(h, h, d, d, c, mode=mode, out=out, symmetric=symmetric)
+            ref = _reference(h, h, d, d, c, mode, 40, 40, 4, symmetric)
+            _assert_close(out, ref, 1e-10, f"gram_sum {device} {mode} sym={symmetric}")
+
+
+def _opcheck_samples(device):
+    samples = []
+    for i, (n1, n2, k, ps, qs) in enumerate([(5, 3, 2, [3, 0], [4, 2]), (4, 4, 1, [2], [3]),
+                                             (6, 2, 3, [], [])]):
+        for mode in MODES:
+            h1, d1 = _factors(n1, k, ps, qs, torch.float64, device, seed=i)
+            h2, d2 = _factors(n2, k, ps, qs, torch.float64, device, seed=i + 10)
+            c = [1.0] * len(ps)
+            out = torch.zeros(_shape(mode, n1, n2, k), dtype=torch.float64, device=device)
+            samples.append(("gram_sum_out", (h1, h2, d1, d2, c, mode, out)))
+            out_sym = torch.zeros(_shape(mode, n1, n1, k), dtype=torch.float64, device=device)
+            samples.append(("gram_sum_sym_out", (h1, d1, c, mode, out_sym)))
+    return samples
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for name, args in _opcheck_samples(device):
+        torch.library.opcheck(getattr(torch.ops.torch_ntk, name).default, args)
+
+
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_inputs_name_the_argument(device):
+    n1, n2, k = 4, 3, 2
+    h1, h2 = [torch.randn(n1, 5, device=device)], [torch.randn(n2, 5, device=device)]
+    d1, d2 = [torch.randn(n1, k, 6, device=device)], [torch.randn(n2, k, 6, device=device)]
+    out = torch.empty(n1, n2, k, k, device=device)
+    op = torch.ops.torch_ntk.gram_sum_out
+    err = (RuntimeError, ValueError)
+    with pytest.raises(err, match="mode must be one of"):
+        op(h1, h2, d1, d2, [1.0], "bogus", out)
+    with pytest.raises(err, match="one entry per layer"):
+        op(h1, h2, d1, d2, [1.0, 2.0], "full", out)
+    with pytest.raises(err, match=r"h2\[0\].*3 rows"):
+        op(h1, [torch.randn(n2 + 1, 5, device=device)], d1, d2, [1.0], "full", out)
+    with pytest.raises(err, match=r"d1\[0\].*3 dimensions"):
+        op(h1, h2, [torch.randn(n1, 6, device=device)], d2, [1.0], "full", out)
+    with pytest.raises(err, match=r"out must have 2 dimensions"):
+        op(h1, h2, d1, d2, [1.0], "trace", out)
+    with pytest.raises(err, match=r"layer 0|h1\[0\] and h2\[0\]"):
+        op(h1, [torch.randn(n2, 4, device=device)], d1, d2, [1.0], "full", out)
+    with pytest.raises(err, match="square"):
+        torch.ops.torch_ntk.gram_sum_sym_out(h1, d1, [1.0], "full", out)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"h1\[0\] must have out's dtype"):
+            op([h1[0].double()], h2, d1, d2, [1.0], "full", out)
+
+
+def test_disable_native_env(monkeypatch):
+    monkeypatch.setenv("TORCH_NTK_DISABLE_NATIVE", "1")
+    assert not _ops.has_kernel("cpu") and not _ops.has_kernel("cuda")
+    assert native.info()["cpu"] is False and native.info()["disabled"] is True
+    h, d = _factors(9, 2, [3], [4], torch.float64, "cpu", seed=4)
+    out = torch.empty(9, 9, 2, 2, dtype=torch.float64)
+    gram_sum(h, h, d, d, [1.0], mode="full", out=out)
+    _assert_close(out, _reference(h, h, d, d, [1.0], "full", 9, 9, 2), 1e-12, "pure torch")
+
+
+@pytest.mark.skipif(os.environ.get("TORCH_NTK_NO_NATIVE") == "1",
+                    reason="built with TORCH_NTK_NO_NATIVE=1")
+def test_info_reports_cpu_kernel(monkeypatch):
+    monkeypatch.delenv("TORCH_NTK_DISABLE_NATIVE", raising=False)
+    info = native.info()
+    assert info["cpu"], f"native CPU kernel missing: {info['load_error']}"
+    assert set(info) >= {"cpu", "cuda", "cuda_arch"}
+    assert info["cuda"] == (_ops.cuda_version() > 0)
+    assert all(isinstance(a, str) for a in info["cuda_arch"])
+
+
+@needs_native
+@pytest.mark.skipif(not _CUDA_OK, reason="needs a CUDA device and the CUDA kernel compiled in")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_reduced_precision_vs_float64(mode):
+    """TF32 (float32 factors, TF32 allowed) and BF16 factors with a float32 out.
+
+    Judged against the float64 result on the same (rounded) factors: the native error may be at
+    most 2x the pure-torch path's error at the same precision, plus 1e-6 of the scale.
+    """
+    n, k, ps, qs = 300, 10, [64, 0, 37], [129, 64, 10]
+    c = [1.0, 1.0, 0.5]
+    h, d = _factors(n, k, ps, qs, torch.float32, "cuda", seed=5)
+    h = [t / max(t.shape[1], 1) ** 0.5 for t in h]
+    d = [t / t.shape[2] ** 0.5 for t in d]
+    shape = _shape(mode, n, n, k)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for factors_dtype, torch_dtype in ((torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16)):
+            hx = [t.to(factors_dtype) for t in h]
+            dx = [t.to(factors_dtype) for t in d]
+            ref = _reference(hx, hx, dx, dx, c, mode, n, n, k)
+            out = torch.empty(shape, dtype=torch.float32, device="cuda")
+            torch.ops.torch_ntk.gram_sum_out(hx, hx, dx, dx, c, mode, out)
+            out_torch = _gram_sum_torch(hx, hx, dx, dx, c, mode=mode,
+                                        out=torch.empty(shape, dtype=torch_dtype, device="cuda"))
+            err = float((out.double() - ref).abs().max())
+            err_torch = float((out_torch.double() - ref).abs().max())
+            scale = float(ref.abs().max())
+            assert err <= 2 * err_torch + 1e-6 * scale, (
+                f"{factors_dtype} {mode}: native error {err:.3g} vs pure torch {err_torch:.3g} "
+                f"(scale {scale:.3g})")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -139,3 +139,16 @@ def test_auto_uses_jacobian_when_nothing_factorises():
     ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
     got = torch_ntk.empirical_ntk(model, x, method="auto")
     assert_close(got, ref, torch.float64, "auto without factorisable layers")
+
+
+@pytest.mark.parametrize("name", ["mlp_k10", "conv2d", "sequence"])
+def test_pure_torch_fallback_matches_reference(name, monkeypatch):
+    monkeypatch.setenv("TORCH_NTK_DISABLE_NATIVE", "1")
+    assert not torch_ntk.native.info()["cpu"]
+    model, x1, x2 = make(name, torch.float64, 7, 4)
+    for mode in MODES:
+        for other in (None, x2):
+            ref = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="jacobian")
+            got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="structured",
+                                          batch_size=3)
+            assert_close(got, ref, torch.float64, f"pure-torch structured on {name}, {mode}")

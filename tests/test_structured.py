@@ -105,7 +105,7 @@ def test_bare_parameter_repeated_call_and_unused_layer():
     model = ScaledResidual().double()
     x = torch.randn(6, 4, dtype=torch.float64)
     engine = _engine(model, x)
-    assert set(engine.foreign) == {"gain"}
+    assert set(engine.foreign) == {"gain", "unused.weight", "unused.bias"}  # exact zeros
     assert [(l.name, l.calls) for l in engine.layers] == [("lin", 2), ("head", 1)]
     _check(model, x, torch.randn(4, 4, dtype=torch.float64), batch_size=5)
 
@@ -150,3 +150,42 @@ def test_structure_changing_with_input_is_an_error():
         x = torch.randn(8, 4, dtype=torch.float64)
         x[6, 0] = 20.0  # only the second block takes the extra branch
         torch_ntk.empirical_ntk(model, x, batch_size=4, method="structured")
+
+
+class WeightUsedTwice(nn.Module):
+    """The head's weight also enters through F.linear: no per-layer factorisation exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + nn.functional.linear(h * h, self.head.weight)
+
+
+def test_parameter_used_outside_its_layer():
+    model = WeightUsedTwice().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not reproduce the model's own gradients"):
+        torch_ntk.empirical_ntk(model, x, method="structured")
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    assert_close(torch_ntk.empirical_ntk(model, x), ref, torch.float64, "auto falls back")
+
+
+def test_linearized_model_and_functional_calls():
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    lin = torch_ntk.linearize(net)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ref = torch_ntk.empirical_ntk(net, x, method="jacobian")
+    assert_close(torch_ntk.empirical_ntk(lin, x), ref, torch.float64, "auto on linearize()")
+
+
+def test_pending_backward_survives_a_kernel_call():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss = model(x).sum()
+    torch_ntk.empirical_ntk(model, x, mode="trace")
+    loss.backward()
+    assert model[0].weight.grad is not None

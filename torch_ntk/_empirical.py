@@ -69,7 +69,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
-                buffer.copy_(saved)
+                if not torch.equal(buffer, saved):  # an untouched buffer keeps its version
+                    buffer.copy_(saved)
     return result
 
 
@@ -92,7 +93,16 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
     else:
         engine = StructuredNTK(model, params)
         f_probe = engine.plan(probe)
-        if not engine.factorised:
+        if engine.factorised and engine.verify(x1) > _verify_tolerance(x1, params):
+            if method == "structured":
+                raise ValueError(
+                    "empirical_ntk: method='structured' does not reproduce the model's own "
+                    "gradients: a parameter of a factorised layer ("
+                    f"{', '.join(l.name for l in engine.layers)}) is also used outside that "
+                    "layer's forward (e.g. passed to F.linear elsewhere). Use method='jacobian' "
+                    "or 'auto'.")
+            engine = JacobianNTK(model, params)
+        elif not engine.factorised:
             if method == "structured":
                 raise ValueError(
                     "empirical_ntk: method='structured' needs at least one nn.Linear, nn.Conv1d, "
@@ -106,6 +116,14 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             f_single = _checks.check_output(model(x1[row:row + 1]), 1, "x1")
             _checks.check_independent(f_probe, f_single, row)
     return engine, f_probe.shape[1]
+
+
+def _verify_tolerance(x: Tensor, params: dict[str, Tensor]) -> float:
+    """Relative error allowed between the structured and the autograd Θ_aa(x, x)."""
+    dtype = next(iter(params.values())).dtype
+    if dtype == torch.float64:
+        return 1e-8
+    return 2e-2 if x.is_cuda else 1e-3  # float32 on CUDA may run TF32 matmuls
 
 
 def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int) -> int:

@@ -44,6 +44,8 @@ class _Layer:
     bias: bool            # bias exists and is trainable
     w_scale: float
     b_scale: float
+    weight_param: Tensor | None = None  # the registered parameters the hooks expect
+    bias_param: Tensor | None = None
     calls: int = 0        # forward calls per pass, learned from the probe
     positions: int = 1    # positions per sample summed over calls (T)
 
@@ -74,34 +76,35 @@ class StructuredNTK:
     def plan(self, x_probe: Tensor) -> Tensor:
         """Runs a hooked forward on a probe batch to learn how each layer is called.
 
-        Layers whose calls don't keep the batch dimension first are handed to the Jacobian
-        path, and layers that are never called are dropped (their gradient is zero).
+        Layers that are never called, called with other parameters (``functional_call``),
+        or whose calls don't keep the batch dimension first are handed to the Jacobian path.
 
         Returns:
             Tensor[B, *out_shape]: the model output on ``x_probe`` (no graph).
         """
         b = x_probe.shape[0]
-        seen: dict[int, list[tuple[torch.Size, torch.Size]]] = {id(l.module): [] for l in self.layers}
+        seen: dict[int, list[tuple]] = {id(l.module): [] for l in self.layers}
 
         def record(layer: _Layer):
             def hook(module, inputs, output):
-                seen[id(module)].append((inputs[0].shape, output.shape))
+                own = module.weight is layer.weight_param and module.bias is layer.bias_param
+                seen[id(module)].append((inputs[0].shape, output.shape,
+                                         own and output.requires_grad))
             return hook
 
-        with _hooks([(l.module, record(l)) for l in self.layers]), torch.no_grad():
+        with _hooks([(l.module, record(l)) for l in self.layers]), torch.enable_grad():
             f = self.model(x_probe)
-        kept, unused = [], []
+        kept = []
         for layer in self.layers:
-            shapes = seen[id(layer.module)]
-            if not shapes:
-                unused.append(layer)
-            elif all(_batched_call(layer.module, s_in, s_out, b) for s_in, s_out in shapes):
-                layer.calls = len(shapes)
-                layer.positions = sum(_positions(layer.module, s_out) for _, s_out in shapes)
+            calls = seen[id(layer.module)]
+            if calls and all(ok and _batched_call(layer.module, s_in, s_out, b)
+                             for s_in, s_out, ok in calls):
+                layer.calls = len(calls)
+                layer.positions = sum(_positions(layer.module, s_out) for _, s_out, _ in calls)
                 kept.append(layer)
         self.layers = kept
-        self._update_foreign(extra=unused)
-        return f
+        self._update_foreign()
+        return f.detach() if isinstance(f, Tensor) else f
 
     def bytes_per_sample(self, k: int) -> int:
         """Approximate factor memory per input, to size default batches."""
@@ -167,9 +170,32 @@ class StructuredNTK:
         return _gram.gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out,
                               symmetric=symmetric)
 
-    def _update_foreign(self, extra: list[_Layer] = ()) -> None:
-        """Trainable parameters outside the factorised (or never called) layers."""
-        covered = {id(p) for layer in [*self.layers, *extra]
+    def verify(self, x: Tensor) -> float:
+        """Relative error of the structured ``Θ_aa(x, x)`` against plain autograd, for x[:1].
+
+        A parameter of a factorised layer that is also used outside that layer's forward
+        (e.g. a weight passed to ``F.linear`` elsewhere) breaks the factorisation; this
+        catches it on one sample and at most 16 outputs.
+        """
+        x = x[:1]
+        factors = self.factors(x)
+        k = factors.d[0].shape[1] if factors.d else 1
+        dtype = next(iter(self.params.values())).dtype
+        got = torch.empty(1, 1, k, dtype=dtype, device=x.device)
+        self.contract(factors, factors, "diagonal", got)
+        params = list(self.params.values())
+        with torch.enable_grad():
+            f = self.model(x).reshape(-1)
+            rows = min(k, 16)
+            want = torch.stack([sum((g.double() ** 2).sum() for g in torch.autograd.grad(
+                f[a], params, retain_graph=a < rows - 1, allow_unused=True,
+                materialize_grads=True)) for a in range(rows)])
+        got = got.reshape(-1)[:rows].double()
+        return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+    def _update_foreign(self) -> None:
+        """Trainable parameters outside the factorised layers."""
+        covered = {id(p) for layer in self.layers
                    for p in (layer.module.weight, layer.module.bias) if p is not None}
         self.foreign = {n: p for n, p in self.params.items() if id(p) not in covered}
 
@@ -202,7 +228,8 @@ def _find_layers(model: nn.Module) -> list[_Layer]:
         weight = module.weight.requires_grad
         bias = module.bias is not None and module.bias.requires_grad
         if weight or bias:
-            layers.append(_Layer(name or "<root>", module, weight, bias, *scales))
+            layers.append(_Layer(name or "<root>", module, weight, bias, *scales,
+                                 weight_param=module.weight, bias_param=module.bias))
     return layers
 
 

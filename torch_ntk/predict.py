@@ -15,7 +15,7 @@ normalisation, relative ``diag_reg``) are those of neural-tangents'
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 __all__ = ["gradient_descent_mse"]
 
 _Scalar = Union[int, float]
-PredictFn = Callable[..., Union[Tensor, "tuple[Tensor, Tensor]"]]
+PredictFn = Callable[..., Union[Tensor, Tuple[Tensor, Tensor]]]
 
 
 def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: float = 1.0,
@@ -114,6 +114,7 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
                    fx_train_0: Tensor | _Scalar | None = 0.0,
                    fx_test_0: Tensor | _Scalar | None = None,
                    k_test_train: Tensor | None = None):
+        """Outputs at time(s) ``t`` (``None`` = ∞); see ``gradient_descent_mse`` for shapes."""
         f_train0, f_test0, k_test, m = _check_predict_inputs(
             fx_train_0, fx_test_0, k_test_train, y_shape, n, kk, coupled, dtype, device)
         want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
@@ -201,7 +202,9 @@ def _check_train(k: Tensor, y: Tensor, diag_reg: float) -> tuple[Tensor, tuple[i
         raise ValueError(f"{name}: k_train_train contains NaN or infinite values.")
     scale = float(k_flat.abs().max()) if k_flat.numel() else 0.0
     asym = float((k_flat - k_flat.mT).abs().max()) if k_flat.numel() else 0.0
-    tol = torch.finfo(k_flat.dtype).eps ** 0.5 * max(scale, torch.finfo(k_flat.dtype).tiny)
+    # Loose enough for a float32 kernel cast to float64, tight enough to catch k_test_train.
+    rtol = max(torch.finfo(k_flat.dtype).eps ** 0.5, 1e-5)
+    tol = rtol * max(scale, torch.finfo(k_flat.dtype).tiny)
     if asym > tol:
         raise ValueError(
             f"{name}: k_train_train must be symmetric (Θ(x_n, x_m)_ab = Θ(x_m, x_n)_ba), but "
@@ -286,7 +289,7 @@ def _check_times(t, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _apply_test_kernel(k_test: Tensor, alpha: Tensor, m: int, kk: int, coupled: bool) -> Tensor:
-    """Returns Θ(x_test, X) α: (M, N) x (..., N, K) or (M, N, K, K) x (..., N, K) -> (..., M, K)."""
+    """Θ(x_test, X) α: (M, N) or (M, N, K, K) kernel times (..., N, K) -> (..., M, K)."""
     if coupled:
         return torch.einsum("mnab,...nb->...ma", k_test, alpha)
     return k_test @ alpha

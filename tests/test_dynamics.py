@@ -1,0 +1,97 @@
+"""The training-dynamics toolkit and a tiny end-to-end run of the demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ntk
+from torch_ntk import _dynamics
+
+F64 = torch.float64
+
+
+def test_train_mse_is_discrete_kernel_gradient_descent():
+    """For a linearized model, each GD step is exactly f <- f - lr/n · Θ0 (f - y)."""
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    x, x_test, y = (torch.randn(5, 3, dtype=F64), torch.randn(4, 3, dtype=F64),
+                    torch.randn(5, 2, dtype=F64))
+    k = torch_ntk.empirical_ntk(net, torch.cat([x, x_test]), mode="full")
+    k2 = k.permute(0, 2, 1, 3).reshape(18, 18)
+    lin = torch_ntk.linearize(net)
+    seen = []
+    rec = _dynamics.train_mse(lin, x, y, steps=30, learning_rate=0.3, record_steps=[0, 7, 30],
+                              x_test=x_test, x_ntk=x, ntk_mode="full", ntk_method="jacobian",
+                              callback=lambda s, loss: seen.append(s))
+    assert rec.steps == [0, 7, 30] and seen == list(range(1, 31))
+    assert rec.fx_train.shape == (3, 5, 2) and rec.fx_test.shape == (3, 4, 2)
+    assert rec.ntk.shape == (3, 5, 5, 2, 2) and rec.loss.shape == (31,)
+    with torch.no_grad():
+        f = torch.cat([net(x), net(x_test)]).reshape(-1)
+    yv = y.reshape(-1)
+    for step in range(31):
+        if step in rec.steps:
+            i = rec.steps.index(step)
+            got = torch.cat([rec.fx_train[i], rec.fx_test[i]]).reshape(-1)
+            torch.testing.assert_close(got, f, rtol=1e-10, atol=1e-10)
+            loss = (f[:10] - yv).square().sum() / (2 * y.numel())
+            torch.testing.assert_close(rec.loss[step], loss, rtol=1e-10, atol=1e-12)
+        f = f - 0.3 / y.numel() * k2[:, :10] @ (f[:10] - yv)
+    # The linearized model's NTK does not move.
+    torch.testing.assert_close(rec.ntk[-1], rec.ntk[0], rtol=1e-10, atol=1e-10)
+
+
+def test_train_mse_errors():
+    net = nn.Linear(2, 1)
+    x, y = torch.randn(3, 2), torch.randn(3, 1)
+    with pytest.raises(ValueError, match=r"record_steps must lie in \[0, 4\]"):
+        _dynamics.train_mse(net, x, y, steps=4, learning_rate=0.1, record_steps=[5])
+    with pytest.raises(ValueError, match="y_train has shape"):
+        _dynamics.train_mse(net, x, torch.randn(3), steps=1, learning_rate=0.1)
+
+
+def test_loglog_slope_and_circle():
+    widths = [16, 64, 256]
+    slope, intercept = _dynamics.loglog_slope(widths, [3.0 * w ** -0.5 for w in widths])
+    assert math.isclose(slope, -0.5, abs_tol=1e-12)
+    assert math.isclose(intercept, math.log(3.0), abs_tol=1e-12)
+    pts = _dynamics.unit_circle(torch.tensor([0.0, math.pi / 2]))
+    torch.testing.assert_close(pts, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), atol=1e-7, rtol=0)
+
+
+def test_demo_quick_run(tmp_path, capsys):
+    parser = _dynamics.add_demo_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--quick", "--widths", "8", "32", "--steps", "5", "--seeds", "3",
+                              "--circle-points", "8", "--device", "cpu", "--no-progress",
+                              "--out", str(tmp_path / "run")])
+    results = _dynamics.run_demo(args)
+    printed = capsys.readouterr().out
+    assert "log-log slope vs width" in printed and "results.json" in printed
+
+    with open(tmp_path / "run" / "results.json") as f:
+        saved = json.load(f)
+    assert saved["config"]["widths"] == [8, 32] and saved["config"]["seeds"] == 3
+    assert saved["config"]["steps"] == 5 and saved["config"]["device"] == "cpu"
+    assert len(saved["runs"]) == 6 and len(saved["circle_gamma"]) == 8
+    assert set(saved["slopes"]) == {"init_rel_err", "drift", "net_vs_kernel",
+                                    "net_vs_linearized"}
+    for run in saved["runs"]:
+        for key in ("init_rel_err", "drift", "net_vs_kernel", "net_vs_linearized", "loss_T"):
+            assert math.isfinite(run[key]) and run[key] >= 0
+        assert run["loss_T"] < run["loss_0"]
+    assert saved["slopes"] == json.loads(json.dumps(results["slopes"]))
+    assert len(saved["plots"]) == 3
+    for path in saved["plots"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    parser = _dynamics.add_demo_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--quick", "--depth", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--depth must be an integer >= 2"):
+        _dynamics.run_demo(args)

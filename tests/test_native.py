@@ -1,6 +1,7 @@
 """The native gram_sum ops (C++ and CUDA) against the pure-torch twin ``_gram_sum_torch``."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -76,6 +77,17 @@ def _assert_close(actual, expected, rel, what):
     scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rel,
                                atol=rel * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def _exact_cuda_matmuls():
+    """CUDA float32 cases run the exact FMA kernel unless a test allows TF32 itself."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _mirror(t, mode):
@@ -195,38 +207,166 @@ def test_info_reports_cpu_kernel(monkeypatch):
     assert all(isinstance(a, str) for a in info["cuda_arch"])
 
 
-@needs_native
-@pytest.mark.skipif(not _CUDA_OK, reason="needs a CUDA device and the CUDA kernel compiled in")
-@pytest.mark.parametrize("mode", MODES)
-def test_cuda_reduced_precision_vs_float64(mode):
-    """TF32 (float32 factors, TF32 allowed) and BF16 factors with a float32 out.
+# Tensor-core paths of the CUDA kernel (TF32 for float32 factors when torch allows TF32 matmuls,
+# BF16 for bfloat16 factors), judged against the float64 result on the same factors.
+needs_cuda = pytest.mark.skipif(not _CUDA_OK,
+                                reason="needs a CUDA device and the CUDA kernel compiled in")
+# (N1, N2, K, p per layer, q per layer): not multiples of the 64 x 64 tile, p = 0 layers, K = 1.
+MMA_CASES = [
+    (1, 1, 1, [3], [2]),
+    (7, 1, 10, [5, 0, 4], [3, 2, 1]),
+    (33, 257, 10, [0, 17], [7, 40]),
+    (257, 33, 1, [64, 0, 37], [129, 64, 10]),
+    (257, 7, 10, [64, 0], [129, 10]),
+]
+# Elementwise bound on |native - float64| relative to B = Σ_l (|h1||h2|ᵀ + |c|) ⊙ (|d1||d2|ᵀ):
+# TF32 rounds each factor to 10 mantissa bits (u = 2^-11), so each Gram is off by at most about
+# 2u of its |.|-bound and the product by about 4u, plus float32 accumulation: 2^-8 covers it.
+# BF16 products are exact in float32, only the accumulation errs: 2^-10. A wrong element (a
+# missed k-chunk, row or layer) is off by a sizeable fraction of the entry, far above both.
+MMA_BOUND = {"tf32": 2.0 ** -8, "bf16": 2.0 ** -10}
 
-    Judged against the float64 result on the same (rounded) factors: the native error may be at
-    most 2x the pure-torch path's error at the same precision, plus 1e-6 of the scale.
-    """
-    n, k, ps, qs = 300, 10, [64, 0, 37], [129, 64, 10]
-    c = [1.0, 1.0, 0.5]
-    h, d = _factors(n, k, ps, qs, torch.float32, "cuda", seed=5)
-    h = [t / max(t.shape[1], 1) ** 0.5 for t in h]
-    d = [t / t.shape[2] ** 0.5 for t in d]
-    shape = _shape(mode, n, n, k)
+
+def _abs_reference(h1, h2, d1, d2, c, mode, n1, n2, k):
+    return _reference([t.abs() for t in h1], [t.abs() for t in h2], [t.abs() for t in d1],
+                      [t.abs() for t in d2], [abs(v) for v in c], mode, n1, n2, k)
+
+
+def _run_native(h1, h2, d1, d2, c, mode, n1, n2, k, symmetric):
+    """The op into a NaN-filled strided slice; checks nothing outside it was written."""
+    big = torch.full((n1 + 3, n2 + 5) + _shape(mode, n1, n2, k)[2:], float("nan"),
+                     dtype=torch.float32, device="cuda")
+    out = big[2:2 + n1, 1:1 + n2]
+    if symmetric:
+        torch.ops.torch_ntk.gram_sum_sym_out(h1, d1, c, mode, out)
+    else:
+        torch.ops.torch_ntk.gram_sum_out(h1, h2, d1, d2, c, mode, out)
+    outside = big.clone()
+    outside[2:2 + n1, 1:1 + n2] = 0
+    assert int(outside.isnan().sum()) == big.numel() - out.numel(), "wrote outside the out slice"
+    assert not out.isnan().any(), "left part of out unwritten"
+    if symmetric:
+        assert torch.equal(out, _mirror(out, mode)), "symmetric result is not exactly symmetric"
+    return out
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
     old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        for factors_dtype, torch_dtype in ((torch.float32, torch.float32),
-                                           (torch.bfloat16, torch.bfloat16)):
-            hx = [t.to(factors_dtype) for t in h]
-            dx = [t.to(factors_dtype) for t in d]
-            ref = _reference(hx, hx, dx, dx, c, mode, n, n, k)
-            out = torch.empty(shape, dtype=torch.float32, device="cuda")
-            torch.ops.torch_ntk.gram_sum_out(hx, hx, dx, dx, c, mode, out)
-            out_torch = _gram_sum_torch(hx, hx, dx, dx, c, mode=mode,
-                                        out=torch.empty(shape, dtype=torch_dtype, device="cuda"))
-            err = float((out.double() - ref).abs().max())
-            err_torch = float((out_torch.double() - ref).abs().max())
-            scale = float(ref.abs().max())
-            assert err <= 2 * err_torch + 1e-6 * scale, (
-                f"{factors_dtype} {mode}: native error {err:.3g} vs pure torch {err_torch:.3g} "
-                f"(scale {scale:.3g})")
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _mma_factors(n1, n2, k, ps, qs, dtype, symmetric):
+    """Unit-scale factors (entries of Θ are O(layers)), rounded to dtype."""
+    h1, d1 = _factors(n1, k, ps, qs, torch.float64, "cuda", seed=7)
+    h1 = [t / max(t.shape[1], 1) ** 0.5 for t in h1]
+    d1 = [t / max(t.shape[2], 1) ** 0.5 for t in d1]
+    if symmetric:
+        h2, d2 = h1, d1
+    else:
+        h2, d2 = _factors(n2, k, ps, qs, torch.float64, "cuda", seed=8)
+        h2 = [t / max(t.shape[1], 1) ** 0.5 for t in h2]
+        d2 = [t / max(t.shape[2], 1) ** 0.5 for t in d2]
+    cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    h1, d1 = cast(h1), cast(d1)
+    h2, d2 = (h1, d1) if symmetric else (cast(h2), cast(d2))
+    return h1, h2, d1, d2
+
+
+@needs_native
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [False, True], ids=["distinct", "symmetric"])
+@pytest.mark.parametrize("case", MMA_CASES, ids=[f"case{i}" for i in range(len(MMA_CASES))])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cuda_tensor_cores_vs_float64(precision, mode, case, symmetric):
+    """Native TF32 / BF16 error vs float64: within an elementwise rounding bound, and at most
+    2x the pure-torch path's error at the same precision (plus 1e-6 of the largest entry)."""
+    n1, n2, k, ps, qs = case
+    n2 = n1 if symmetric else n2
+    c = [1.0, 0.5, 1.0][:len(ps)]
+    dtype = torch.float32 if precision == "tf32" else torch.bfloat16
+    h1, h2, d1, d2 = _mma_factors(n1, n2, k, ps, qs, dtype, symmetric)
+    ref = _reference(h1, h2, d1, d2, c, mode, n1, n2, k, symmetric)  # exact on these factors
+    bound = _abs_reference(h1, h2, d1, d2, c, mode, n1, n2, k)
+    scale = max(float(ref.abs().max()), 1e-30)
+    what = f"{precision} {mode} N=({n1}, {n2}) K={k} sym={symmetric}"
+
+    with _tf32(precision == "tf32"):
+        out = _run_native(h1, h2, d1, d2, c, mode, n1, n2, k, symmetric)
+        shape = _shape(mode, n1, n2, k)
+        out_torch = _gram_sum_torch(h1, h2, d1, d2, c, mode=mode, symmetric=symmetric,
+                                    out=torch.empty(shape, dtype=dtype, device="cuda"))
+    diff = (out.double() - ref).abs()
+    worst = float((diff / (MMA_BOUND[precision] * bound + 1e-6 * scale)).max())
+    assert worst <= 1.0, f"{what}: error {float(diff.max()):.3g} exceeds the rounding bound " \
+                         f"(worst element at {worst:.2f}x of it)"
+
+    err = float(diff.max())
+    err_torch = float((out_torch.double() - ref).abs().max())
+    if precision == "tf32":
+        with _tf32(False):  # did cuBLAS really use TF32 here? (tiny shapes may run exact kernels)
+            exact_torch = _gram_sum_torch(h1, h2, d1, d2, c, mode=mode, symmetric=symmetric,
+                                          out=torch.empty(shape, dtype=dtype, device="cuda"))
+        comparable = out.numel() >= 1000 and not torch.equal(exact_torch, out_torch)
+    else:
+        comparable = True
+    if comparable:
+        assert err <= 2 * err_torch + 1e-6 * scale, (
+            f"{what}: native error {err:.3g} vs pure torch {err_torch:.3g} (scale {scale:.3g})")
+
+
+@needs_native
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_tf32_follows_torch_switch(mode):
+    """TF32 runs only when torch allows it (allow_tf32 or matmul precision "high"/"medium");
+    otherwise the float32 result is exact to 1e-5 of the largest entry."""
+    n, k, ps, qs = 257, 10, [64, 0, 37], [129, 64, 10]
+    c = [1.0, 1.0, 0.5]
+    h, _, d, _ = _mma_factors(n, n, k, ps, qs, torch.float32, symmetric=True)
+    ref = _reference(h, h, d, d, c, mode, n, n, k)
+    old_precision = torch.get_float32_matmul_precision()
+    try:
+        with _tf32(False):
+            exact = _run_native(h, h, d, d, c, mode, n, n, k, False)
+        _assert_close(exact, ref, 1e-5, f"exact float32 {mode}")
+        with _tf32(True):
+            tf32 = _run_native(h, h, d, d, c, mode, n, n, k, False)
+        assert not torch.equal(tf32, exact), f"{mode}: allow_tf32=True did not switch to TF32"
+        for precision in ("high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            again = _run_native(h, h, d, d, c, mode, n, n, k, False)
+            assert torch.equal(again, tf32), f"{mode}: precision {precision!r} is not the TF32 path"
+        torch.set_float32_matmul_precision("highest")
+        assert torch.equal(_run_native(h, h, d, d, c, mode, n, n, k, False), exact), \
+            f"{mode}: precision 'highest' is not the exact path"
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+
+
+@needs_native
+@needs_cuda
+def test_cuda_bf16_many_layers_and_float64_unaffected():
+    """BF16 over more layers than one launch holds (accumulating launches), and float64 factors
+    staying exact with TF32 allowed."""
+    n, k = 70, 3
+    ps, qs = [3, 0, 5] * 5, [4, 2, 7] * 5  # 15 layers > kMaxLayers = 12
+    c = [1.0] * len(ps)
+    for mode in MODES:
+        h, _, d, _ = _mma_factors(n, n, k, ps, qs, torch.bfloat16, symmetric=True)
+        out = _run_native(h, h, d, d, c, mode, n, n, k, True)
+        ref = _reference(h, h, d, d, c, mode, n, n, k, True)
+        bound = _abs_reference(h, h, d, d, c, mode, n, n, k)
+        assert float(((out.double() - ref).abs() - 2.0 ** -10 * bound).max()) <= 1e-6, \
+            f"bf16 {mode} with 15 layers"
+        h64, _, d64, _ = _mma_factors(n, n, k, ps, qs, torch.float64, symmetric=True)
+        with _tf32(True):
+            out64 = torch.empty(_shape(mode, n, n, k), dtype=torch.float64, device="cuda")
+            torch.ops.torch_ntk.gram_sum_sym_out(h64, d64, c, mode, out64)
+        _assert_close(out64, _reference(h64, h64, d64, d64, c, mode, n, n, k, True), 1e-10,
+                      f"float64 {mode} with TF32 allowed")

@@ -312,7 +312,10 @@ def test_cuda_tensor_cores_vs_float64(precision, mode, case, symmetric):
         with _tf32(False):  # did cuBLAS really use TF32 here? (tiny shapes may run exact kernels)
             exact_torch = _gram_sum_torch(h1, h2, d1, d2, c, mode=mode, symmetric=symmetric,
                                           out=torch.empty(shape, dtype=dtype, device="cuda"))
-        comparable = out.numel() >= 1000 and not torch.equal(exact_torch, out_torch)
+        # Diagonal mode runs K small batched GEMMs in torch, which cuBLAS may keep partly
+        # exact; the element-wise TF32 bound above is the check there.
+        comparable = (out.numel() >= 1000 and mode != "diagonal"
+                      and not torch.equal(exact_torch, out_torch))
     else:
         comparable = True
     if comparable:

@@ -35,8 +35,12 @@ def gram_sum(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
         out (Tensor): written in place (may be a strided view of a larger tensor).
         symmetric (bool): the caller promises ``h2 is h1`` and ``d2 is d1``; only the
             upper triangle needs computing, the rest is mirrored.
+
+    On CUDA the pure-torch composition (cuBLAS) is faster than the native kernel as long as
+    its per-layer temporaries fit (benchmarks/RESULTS.md), so the native kernel runs there
+    only when they would take more than a quarter of the free device memory.
     """
-    if _ops.has_kernel(out.device.type):
+    if _ops.has_kernel(out.device.type) and not _torch_is_better(out):
         op = (torch.ops.torch_ntk.gram_sum_sym_out if symmetric
               else torch.ops.torch_ntk.gram_sum_out)
         if symmetric:
@@ -49,6 +53,14 @@ def gram_sum(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
 
 
 # Internal helpers
+
+def _torch_is_better(out: Tensor) -> bool:
+    """True on CUDA when the pure-torch temporaries (about 3 outputs) fit comfortably."""
+    if out.device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(out.device)
+    return 3 * out.numel() * out.element_size() < free // 4
+
 
 def _gram_sum_torch(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
                     d2: Sequence[Tensor], c: Sequence[float], *, mode: str,

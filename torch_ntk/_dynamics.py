@@ -551,8 +551,8 @@ def _plot_all(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict],
             ax.plot(gamma, pct[2], color="tab:red", lw=1, ls="--")
         ax.scatter(data["gamma_train"].numpy(), data["y_train"][:, 0].numpy(), color="black",
                    marker="x", s=60, zorder=5, label="training points")
-        ax.set(xlabel="γ", title=f"width {width}: {len(f_net)} networks after {cfg['steps']} "
-                                 f"steps of lr {cfg['lr']:g}, and the limit")
+        ax.set(xlabel="γ", title=f"width {width}: {len(f_net)} networks, {cfg['steps']} steps "
+                                 f"of lr {cfg['lr']:g}")
     axes[0].set_ylabel("f(x(γ))")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

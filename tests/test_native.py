@@ -82,12 +82,8 @@ def _assert_close(actual, expected, rel, what):
 @pytest.fixture(autouse=True)
 def _exact_cuda_matmuls():
     """CUDA float32 cases run the exact FMA kernel unless a test allows TF32 itself."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with _tf32(False):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _mirror(t, mode):

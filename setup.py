@@ -12,12 +12,39 @@ not needed to compile). Environment switches:
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """The one version string, ``__version__`` in torch_ntk/__init__.py."""
+    with open(os.path.join(ROOT, "torch_ntk", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _openmp_flags(cxx: str) -> list[str]:
+    """``-fopenmp`` when the C++ compiler accepts it (GCC, clang with libomp), else nothing.
+
+    Without it the CPU kernel still runs its tiles in parallel through ``at::parallel_for``
+    (torch's own thread pool); OpenMP only lets ATen's pool and ours be the same one.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        cmd = cxx.split() + ["-fopenmp", src, "-o", os.path.join(tmp, "omp")]
+        try:
+            ok = subprocess.run(cmd, capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    return ["-fopenmp"] if ok else []
 
 
 def _flag(name: str) -> bool:
@@ -52,8 +79,8 @@ def _native_extensions():
     debug = _flag("TORCH_NTK_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cxx_args = opt + ["-fopenmp"]
-    args = {"cxx": cxx_args}
+    openmp = _openmp_flags(cxx)
+    args = {"cxx": opt + openmp}
     macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -65,7 +92,7 @@ def _native_extensions():
     else:
         extension = cpp_extension.CppExtension
     ext = extension("torch_ntk._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                    define_macros=macros, extra_compile_args=args, extra_link_args=["-fopenmp"])
+                    define_macros=macros, extra_compile_args=args, extra_link_args=openmp)
     build = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build}
 
@@ -74,12 +101,15 @@ ext_modules, cmdclass = _native_extensions()
 
 setup(
     name="torch_ntk",
-    version="0.1.0",
+    version=_version(),
     description="Exact neural tangent kernels for PyTorch models",
     packages=find_packages(include=["torch_ntk", "torch_ntk.*"]),
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "scipy"]},
+    install_requires=["torch", "numpy"],
+    extras_require={
+        "demo": ["matplotlib", "tqdm", "scikit-learn", "scipy"],
+        "test": ["pytest", "scipy", "hypothesis", "matplotlib", "tqdm", "scikit-learn"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import torch_ntk
-from torch_ntk._bench import machine_info
+from torch_ntk.apps.machine import machine_info
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Trace NTK of the DESIGN.md MLP for N = 100,000 inputs, computed on the GPU into host memory.
+"""Trace NTK of the benchmark MLP (64-512-512-512-10) for N = 100,000 inputs, computed on the GPU into host memory.
 
 Fills ``out`` (N, N) float32 in host memory (pinned when possible) with
 ``torch_ntk.empirical_ntk(model, x, mode="trace", out=out)``, then checks a few entries (rows
@@ -21,7 +21,7 @@ import torch
 
 import torch_ntk
 from torch_ntk import native
-from torch_ntk._bench import mlp
+from torch_ntk.apps.bench.methods import mlp
 
 
 def run(n: int = 100_000, device: str = "cuda", pin: bool = True, checks: int = 12,

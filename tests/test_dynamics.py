@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import torch_ntk
-from torch_ntk import _dynamics
+from torch_ntk.apps.demo import circle, cli
+from torch_ntk.dynamics.training import train_mse
 
 F64 = torch.float64
 
@@ -24,7 +25,7 @@ def test_train_mse_is_discrete_kernel_gradient_descent():
     k2 = k.permute(0, 2, 1, 3).reshape(18, 18)
     lin = torch_ntk.linearize(net)
     seen = []
-    rec = _dynamics.train_mse(lin, x, y, steps=30, learning_rate=0.3, record_steps=[0, 7, 30],
+    rec = train_mse(lin, x, y, steps=30, learning_rate=0.3, record_steps=[0, 7, 30],
                               x_test=x_test, x_ntk=x, ntk_mode="full", ntk_method="jacobian",
                               callback=lambda s, loss: seen.append(s))
     assert rec.steps == [0, 7, 30] and seen == list(range(1, 31))
@@ -49,26 +50,26 @@ def test_train_mse_errors():
     net = nn.Linear(2, 1)
     x, y = torch.randn(3, 2), torch.randn(3, 1)
     with pytest.raises(ValueError, match=r"record_steps must lie in \[0, 4\]"):
-        _dynamics.train_mse(net, x, y, steps=4, learning_rate=0.1, record_steps=[5])
+        train_mse(net, x, y, steps=4, learning_rate=0.1, record_steps=[5])
     with pytest.raises(ValueError, match="y_train has shape"):
-        _dynamics.train_mse(net, x, torch.randn(3), steps=1, learning_rate=0.1)
+        train_mse(net, x, torch.randn(3), steps=1, learning_rate=0.1)
 
 
 def test_loglog_slope_and_circle():
     widths = [16, 64, 256]
-    slope, intercept = _dynamics.loglog_slope(widths, [3.0 * w ** -0.5 for w in widths])
+    slope, intercept = circle.loglog_slope(widths, [3.0 * w ** -0.5 for w in widths])
     assert math.isclose(slope, -0.5, abs_tol=1e-12)
     assert math.isclose(intercept, math.log(3.0), abs_tol=1e-12)
-    pts = _dynamics.unit_circle(torch.tensor([0.0, math.pi / 2]))
+    pts = circle.unit_circle(torch.tensor([0.0, math.pi / 2]))
     torch.testing.assert_close(pts, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), atol=1e-7, rtol=0)
 
 
 def test_demo_quick_run(tmp_path, capsys):
-    parser = _dynamics.add_demo_arguments(argparse.ArgumentParser())
+    parser = cli.add_demo_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--quick", "--widths", "8", "32", "--steps", "5", "--seeds", "3",
                               "--circle-points", "8", "--device", "cpu", "--no-progress",
                               "--out", str(tmp_path / "run")])
-    results = _dynamics.run_demo(args)
+    results = cli.run_demo(args)
     printed = capsys.readouterr().out
     assert "log-log slope vs width" in printed and "results.json" in printed
 
@@ -91,7 +92,7 @@ def test_demo_quick_run(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_options(tmp_path):
-    parser = _dynamics.add_demo_arguments(argparse.ArgumentParser())
+    parser = cli.add_demo_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--quick", "--depth", "1", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--depth must be an integer >= 2"):
-        _dynamics.run_demo(args)
+        cli.run_demo(args)

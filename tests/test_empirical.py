@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import torch_ntk
+from torch_ntk.native import route
 from conftest import DEVICES, ZOO, assert_close, make
 
 MODES = ("full", "trace", "diagonal")
@@ -142,13 +143,15 @@ def test_auto_uses_jacobian_when_nothing_factorises():
 
 
 @pytest.mark.parametrize("name", ["mlp_k10", "conv2d", "sequence"])
-def test_pure_torch_fallback_matches_reference(name, monkeypatch):
-    monkeypatch.setenv("TORCH_NTK_DISABLE_NATIVE", "1")
-    assert not torch_ntk.native.info()["cpu"]
+def test_pure_torch_fallback_matches_reference(name):
     model, x1, x2 = make(name, torch.float64, 7, 4)
     for mode in MODES:
         for other in (None, x2):
             ref = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="jacobian")
-            got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="structured",
-                                          batch_size=3)
+            with route.native_disabled():
+                assert not torch_ntk.native.info()["cpu"]
+                before = route.calls["native", "cpu"]
+                got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="structured",
+                                              batch_size=3)
+                assert route.calls["native", "cpu"] == before, "the native op ran"
             assert_close(got, ref, torch.float64, f"pure-torch structured on {name}, {mode}")

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from torch_ntk import _ops, native
-from torch_ntk._gram import _gram_sum_torch, gram_sum
+from torch_ntk import native
+from torch_ntk.native import loader, route
+from torch_ntk.native.gram import _gram_sum_torch, gram_sum
 
 MODES = ("full", "trace", "diagonal")
 DTYPES = (torch.float32, torch.float64)
@@ -16,8 +19,8 @@ DTYPES = (torch.float32, torch.float64)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 needs_native = pytest.mark.skipif(
-    _ops._C is None, reason=f"torch_ntk._C did not load: {_ops.LOAD_ERROR}")
-_CUDA_OK = torch.cuda.is_available() and _ops.cuda_version() > 0
+    loader._C is None, reason=f"torch_ntk._C did not load: {loader.LOAD_ERROR}")
+_CUDA_OK = torch.cuda.is_available() and loader.cuda_version() > 0
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(
@@ -120,14 +123,19 @@ def test_matches_torch_into_slice(device, dtype, mode, case, symmetric):
 
 @needs_native
 @pytest.mark.parametrize("device", DEVICES)
-def test_gram_sum_uses_native_and_agrees(device):
+def test_gram_sum_takes_the_route_and_agrees(device):
+    """On CPU the native op must run; on CUDA whichever backend the route names must run."""
     h, d = _factors(40, 4, [6, 0], [5, 3], torch.float64, device, seed=3)
     c = [1.0, 1.0]
-    assert _ops.has_kernel(torch.device(device).type)
+    dev = torch.device(device).type
+    assert route.native_available(dev)
     for mode in MODES:
         for symmetric in (False, True):
             out = torch.empty(_shape(mode, 40, 40, 4), dtype=torch.float64, device=device)
+            expected = "native" if dev == "cpu" else route.backend(out)
+            before = route.calls[expected, dev]
             gram_sum(h, h, d, d, c, mode=mode, out=out, symmetric=symmetric)
+            assert route.calls[expected, dev] == before + 1, f"{expected} did not run"
             ref = _reference(h, h, d, d, c, mode, 40, 40, 4, symmetric)
             _assert_close(out, ref, 1e-10, f"gram_sum {device} {mode} sym={symmetric}")
 
@@ -182,24 +190,33 @@ def test_bad_inputs_name_the_argument(device):
             op([h1[0].double()], h2, d1, d2, [1.0], "full", out)
 
 
-def test_disable_native_env(monkeypatch):
-    monkeypatch.setenv("TORCH_NTK_DISABLE_NATIVE", "1")
-    assert not _ops.has_kernel("cpu") and not _ops.has_kernel("cuda")
-    assert native.info()["cpu"] is False and native.info()["disabled"] is True
-    h, d = _factors(9, 2, [3], [4], torch.float64, "cpu", seed=4)
-    out = torch.empty(9, 9, 2, 2, dtype=torch.float64)
-    gram_sum(h, h, d, d, [1.0], mode="full", out=out)
+def test_disable_native_switch():
+    with route.native_disabled():
+        assert not route.native_available("cpu") and not route.native_available("cuda")
+        assert native.info()["cpu"] is False and native.info()["disabled"] is True
+        h, d = _factors(9, 2, [3], [4], torch.float64, "cpu", seed=4)
+        out = torch.empty(9, 9, 2, 2, dtype=torch.float64)
+        before = route.calls["torch", "cpu"]
+        gram_sum(h, h, d, d, [1.0], mode="full", out=out)
+        assert route.calls["torch", "cpu"] == before + 1
     _assert_close(out, _reference(h, h, d, d, [1.0], "full", 9, 9, 2), 1e-12, "pure torch")
+
+
+def test_disable_native_env_is_read_at_import():
+    code = ("import torch_ntk; i = torch_ntk.native.info(); "
+            "assert i['disabled'] and not i['cpu'] and not i['cuda'], i")
+    env = dict(os.environ, TORCH_NTK_DISABLE_NATIVE="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.skipif(os.environ.get("TORCH_NTK_NO_NATIVE") == "1",
                     reason="built with TORCH_NTK_NO_NATIVE=1")
-def test_info_reports_cpu_kernel(monkeypatch):
-    monkeypatch.delenv("TORCH_NTK_DISABLE_NATIVE", raising=False)
+def test_info_reports_cpu_kernel():
     info = native.info()
     assert info["cpu"], f"native CPU kernel missing: {info['load_error']}"
     assert set(info) >= {"cpu", "cuda", "cuda_arch"}
-    assert info["cuda"] == (_ops.cuda_version() > 0)
+    assert info["cuda"] == (loader.cuda_version() > 0)
     assert all(isinstance(a, str) for a in info["cuda_arch"])
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import torch_ntk
-from torch_ntk._structured import StructuredNTK
+from torch_ntk.empirical.structured import StructuredNTK
 from conftest import assert_close, make
 
 

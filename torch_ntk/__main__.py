@@ -1,4 +1,4 @@
-"""``python -m torch_ntk demo|bench``: argument parsing only; the work lives elsewhere."""
+"""``python -m torch_ntk demo|bench``: argument parsing only; the work lives in torch_ntk.apps."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         description="NTK at initialisation vs its infinite-width limit, NTK drift during "
                     "training, and the trained network vs kernel regression, over widths and "
                     "seeds. Writes results.json and PNG plots under --out.")
-    from torch_ntk import _dynamics
-    _dynamics.add_demo_arguments(demo)
+    from torch_ntk.apps.demo import cli as demo_cli
+    demo_cli.add_demo_arguments(demo)
 
     bench = commands.add_parser(
         "bench", help="benchmark table: NTK methods side by side",
@@ -41,23 +41,23 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "demo":
-        _dynamics.run_demo(args)
+        demo_cli.run_demo(args)
         return 0
     return _bench_command(args)
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from torch_ntk import _bench
-    methods = tuple(args.methods) if args.methods else _bench.METHODS
-    result = _bench.run_suite(sizes=tuple(args.sizes), modes=tuple(args.modes), methods=methods,
+    from torch_ntk.apps.bench import methods as bench_methods
+    methods = tuple(args.methods) if args.methods else bench_methods.METHODS
+    result = bench_methods.run_suite(sizes=tuple(args.sizes), modes=tuple(args.modes), methods=methods,
                               device=args.device, repeats=args.repeats)
     print()
-    print(_bench.format_table(result))
+    print(bench_methods.format_table(result))
     if not args.no_kernel:
-        from torch_ntk import _bench_gram
+        from torch_ntk.apps.bench import gram as bench_gram
         print("\nGram-sum kernel on the MLP's factors (native vs pure torch"
               + (", and a same-FLOP cuBLAS GEMM):" if args.device == "cuda" else "):"))
-        result["kernel"] = _bench_gram.run(args.device, sizes=tuple(args.sizes),
+        result["kernel"] = bench_gram.run(args.device, sizes=tuple(args.sizes),
                                            modes=tuple(args.modes), repeats=args.repeats)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

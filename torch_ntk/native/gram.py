@@ -16,9 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from torch_ntk import _ops
-
-MODES = ("full", "trace", "diagonal")
+from torch_ntk import _modes
+from torch_ntk.native import route
 
 
 def gram_sum(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
@@ -36,11 +35,11 @@ def gram_sum(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
         symmetric (bool): the caller promises ``h2 is h1`` and ``d2 is d1``; only the
             upper triangle needs computing, the rest is mirrored.
 
-    On CUDA the pure-torch composition (cuBLAS) is faster than the native kernel as long as
-    its per-layer temporaries fit (benchmarks/RESULTS.md), so the native kernel runs there
-    only when they would take more than a quarter of the free device memory.
+    Which backend runs is decided by ``route.backend`` (its module doc gives the reasons).
     """
-    if _ops.has_kernel(out.device.type) and not _torch_is_better(out):
+    chosen = route.backend(out)
+    route.calls[chosen, out.device.type] += 1
+    if chosen == "native":
         op = (torch.ops.torch_ntk.gram_sum_sym_out if symmetric
               else torch.ops.torch_ntk.gram_sum_out)
         if symmetric:
@@ -54,20 +53,13 @@ def gram_sum(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
 
 # Internal helpers
 
-def _torch_is_better(out: Tensor) -> bool:
-    """True on CUDA when the pure-torch temporaries (about 3 outputs) fit comfortably."""
-    if out.device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(out.device)
-    return 3 * out.numel() * out.element_size() < free // 4
-
-
 def _gram_sum_torch(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Tensor],
                     d2: Sequence[Tensor], c: Sequence[float], *, mode: str,
                     out: Tensor, symmetric: bool = False) -> Tensor:
     """Pure-torch twin of the native op: one layer at a time through ATen matmuls.
 
-    With ``symmetric`` the result is made exactly symmetric, ``Θ(x, x') = Θ(x', x)ᵀ``.
+    With ``symmetric`` the upper triangle is mirrored onto the lower one, as the native
+    kernels do, so the result is exactly symmetric.
     """
     n1, n2 = out.shape[0], out.shape[1]
     acc = torch.zeros(out.shape, dtype=out.dtype, device=out.device)
@@ -86,6 +78,5 @@ def _gram_sum_torch(h1: Sequence[Tensor], h2: Sequence[Tensor], d1: Sequence[Ten
         else:
             acc.add_(gh.reshape(gh.shape + (1,) * (gd.dim() - 2)) * gd)
     if symmetric:
-        mirrored = acc.permute(1, 0, 3, 2) if mode == "full" else acc.transpose(0, 1)
-        acc = (acc + mirrored) * 0.5
+        acc = _modes.mirror_upper(acc, mode)
     return out.copy_(acc)

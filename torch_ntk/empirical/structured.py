@@ -2,7 +2,7 @@
 
 For an affine layer ``z = α W h + β b`` the gradient of output ``a`` w.r.t. W is
 ``α δ_a hᵀ`` with ``δ_a = ∂f_a/∂z``, so the layer's share of the kernel is
-``(α² h·h' + β²) (δ_a·δ'_b)``: a Hadamard product of two Grams (see ``_gram.gram_sum``).
+``(α² h·h' + β²) (δ_a·δ'_b)``: a Hadamard product of two Grams (see ``native.gram.gram_sum``).
 Forward hooks collect ``h`` and ``z``; one batched reverse pass gives ``δ`` for all K outputs.
 
 Layers used at several positions per sample (Linear over a sequence ``(N, T, d)``, Conv
@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_ntk import _checks, _gram, _jacobian
-from torch_ntk._ntkmlp import NTKLinear
+from torch_ntk.empirical import checks, jacobian
+from torch_ntk.infinite.ntkmlp import NTKLinear
+from torch_ntk.native.gram import gram_sum
 
 
 @dataclass
@@ -131,7 +132,7 @@ class StructuredNTK:
             return hook
 
         with _hooks([(l.module, capture(l)) for l in self.layers]), torch.enable_grad():
-            f = _checks.check_output(self.model(x), n, "these inputs")
+            f = checks.check_output(self.model(x), n, "these inputs")
             for layer in self.layers:
                 if len(captured[id(layer.module)]) != layer.calls:
                     raise ValueError(
@@ -157,7 +158,7 @@ class StructuredNTK:
                 out.d.append(delta.transpose(0, 1).contiguous())
                 out.c.append(layer.b_scale ** 2 if layer.bias else 0.0)
         if self.foreign:
-            pooled.append(_jacobian.per_sample_jacobian(self.model, self.foreign, x))
+            pooled.append(jacobian.per_sample_jacobian(self.model, self.foreign, x))
         if pooled:
             out.h.append(x.new_empty(n, 0, dtype=pooled[0].dtype))
             out.d.append(torch.cat(pooled, dim=2))
@@ -167,7 +168,7 @@ class StructuredNTK:
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,
                  symmetric: bool = False) -> Tensor:
         """Writes the kernel block between two factor sets into ``out``."""
-        return _gram.gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out,
+        return gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out,
                               symmetric=symmetric)
 
     def verify(self, x: Tensor) -> float:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from torch_ntk import _checks
+from torch_ntk.empirical import checks
 
 
 class JacobianNTK:
@@ -58,7 +58,7 @@ def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
 
     with torch.no_grad():
         jac, f = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(detached, x)
-    _checks.check_output(f, n, "these inputs")
+    checks.check_output(f, n, "these inputs")
     k = f.shape[1]
     return torch.cat([jac[name].reshape(n, k, -1) for name in detached], dim=2)
 

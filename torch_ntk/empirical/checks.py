@@ -6,7 +6,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-MODES = ("full", "trace", "diagonal")
+from torch_ntk import _modes
+
+MODES = _modes.MODES
 METHODS = ("auto", "structured", "jacobian")
 
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -119,8 +121,9 @@ def check_independent(f_batch: Tensor, f_single: Tensor, row: int) -> None:
             "is undefined. Make the forward pass act on each sample independently.")
 
 
-def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Checks a user-supplied ``out=`` tensor."""
+def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+              inputs: tuple[Tensor | None, ...] = ()) -> None:
+    """Checks a user-supplied ``out=`` tensor the way torch checks an in-place op's output."""
     if out is None:
         return
     if not isinstance(out, Tensor):
@@ -129,3 +132,41 @@ def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) ->
         raise ValueError(
             f"empirical_ntk: out must have shape {tuple(shape)} and dtype {dtype} (the model's), "
             f"got shape {tuple(out.shape)} and dtype {out.dtype}.")
+    if out.requires_grad:
+        raise ValueError(
+            "empirical_ntk: out requires grad, and autograd can't track a kernel written into "
+            "it in place. Pass a tensor without requires_grad (e.g. out.detach()).")
+    if out.numel() > 1 and (torch._debug_has_internal_overlap(out) == 1  # 1: surely overlaps
+                          or any(st == 0 and n > 1 for n, st in zip(out.shape, out.stride()))):
+        raise ValueError(
+            f"empirical_ntk: out has overlapping memory (strides {out.stride()}, e.g. from "
+            "expand()), so entries would overwrite each other. Pass a tensor whose elements "
+            "are distinct, e.g. torch.empty(shape) or out.contiguous().")
+    for name, x in zip(("x1", "x2"), inputs):
+        if x is not None and _shares_memory(out, x):
+            raise ValueError(
+                f"empirical_ntk: out shares memory with {name}, which would be overwritten "
+                f"while it is read. Pass a separate out tensor (or {name}.clone()).")
+
+
+# Internal helpers
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """True when the storages of ``a`` and ``b`` overlap (conservative: byte ranges)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    try:
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False
+    if sa.device.type == "meta" or sa.data_ptr() == 0 or sb.data_ptr() == 0:
+        return False
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    steps = [(n - 1) * st * t.element_size() for n, st in zip(t.shape, t.stride())]
+    lo = t.data_ptr() + sum(min(0, s) for s in steps)
+    return lo, t.data_ptr() + sum(max(0, s) for s in steps) + t.element_size()

@@ -7,7 +7,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
-from torch_ntk._analytic import _check_int, _check_std, resolve_activation
+from torch_ntk.infinite.analytic import _check_int, _check_std, resolve_activation
 
 PARAMETERIZATIONS = ("ntk", "standard")
 

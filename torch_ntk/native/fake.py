@@ -1,40 +1,16 @@
-"""The only door to the compiled core ``torch_ntk._C``; records why it is missing."""
-from __future__ import annotations
+"""Meta ("fake") kernels of the native ops: shapes and devices only, never data.
 
-import os
+They let ``torch.compile`` and meta tensors trace ``gram_sum_out``; they word their errors like
+``check_gram_inputs`` in csrc/gram_sum.h does for the real kernels.
+"""
+from __future__ import annotations
 
 import torch
 
-try:
-    from torch_ntk import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-    LOAD_ERROR: str | None = None
-except (ImportError, OSError) as exc:
-    _C, LOAD_ERROR = None, f"{type(exc).__name__}: {exc}"
+from torch_ntk import _modes
+from torch_ntk.native import loader
 
-MODES = ("full", "trace", "diagonal")
-
-
-def has_kernel(device_type: str) -> bool:
-    """True when the native op is compiled for ``device_type`` and not disabled.
-
-    ``TORCH_NTK_DISABLE_NATIVE=1`` turns the native path off at run time (pure torch is used).
-    """
-    if _C is None or os.environ.get("TORCH_NTK_DISABLE_NATIVE") == "1":
-        return False
-    return device_type == "cpu" or (device_type == "cuda" and cuda_version() > 0)
-
-
-def cuda_version() -> int:
-    """CUDA runtime version the kernels were built with (e.g. 13000); -1 without CUDA."""
-    return -1 if _C is None else int(torch.ops.torch_ntk.cuda_version())
-
-
-def cuda_arch() -> list[int]:
-    """Compute capabilities compiled into the CUDA kernels (e.g. [80, 90])."""
-    return [] if _C is None else [int(a) for a in torch.ops.torch_ntk.cuda_arch()]
-
-
-if _C is not None:
+if loader._C is not None:
     @torch.library.register_fake("torch_ntk::gram_sum_out")
     def _gram_sum_out_fake(h1, h2, d1, d2, c, kind, out):
         _check_gram_shapes("gram_sum_out", h1, h2, d1, d2, c, kind, out)
@@ -51,12 +27,12 @@ if _C is not None:
 
 def _check_gram_shapes(op, h1, h2, d1, d2, c, mode, out) -> None:
     """Metadata-only twin of ``check_gram_inputs`` in csrc/gram_sum.h (never reads data)."""
-    if mode not in MODES:
-        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}.")
+    if mode not in _modes.MODES:
+        raise ValueError(f"{op}: mode must be one of {_modes.MODES}, got {mode!r}.")
     if not len(h1) == len(h2) == len(d1) == len(d2) == len(c):
         raise ValueError(f"{op}: h1, h2, d1, d2 and c must have one entry per layer; got lengths "
                          f"{len(h1)}, {len(h2)}, {len(d1)}, {len(d2)} and {len(c)}.")
-    dims = {"full": 4, "trace": 2, "diagonal": 3}[mode]
+    dims = _modes.kernel_dims(mode)
     if out.dim() != dims:
         raise ValueError(f"{op}: out must have {dims} dimensions for mode {mode!r}, "
                          f"got {tuple(out.shape)}.")

@@ -1,4 +1,4 @@
-"""Native gram_sum op vs the pure-torch composition on the MLP factors of DESIGN.md.
+"""Native gram_sum op vs the pure-torch composition on the benchmark MLP's factors.
 
 Factors of the MLP 64 -> 512 -> 512 -> 512 -> 10 (K = 10, biases: c = 1): input widths
 p = (64, 512, 512, 512), output-gradient widths q = (512, 512, 512, 10). Both methods run in
@@ -9,15 +9,12 @@ shows a cuBLAS GEMM with the same output shape and FLOPs, and the fraction of it
 
     python benchmarks/bench_native.py --device cpu --sizes 256 1024 --json out.json
 
-``python -m torch_ntk bench`` runs it after the end-to-end suite of ``_bench``.
+``python -m torch_ntk bench`` runs it after the end-to-end suite of ``methods``.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,9 +23,9 @@ import time
 
 import torch
 
-from torch_ntk import _ops
-from torch_ntk._bench import cpu_model
-from torch_ntk._gram import _gram_sum_torch
+from torch_ntk.apps.machine import machine_info
+from torch_ntk.native import loader, route
+from torch_ntk.native.gram import _gram_sum_torch
 
 P_WIDTHS = (64, 512, 512, 512)
 Q_WIDTHS = (512, 512, 512, 10)
@@ -65,18 +62,6 @@ def run(device: str = "cpu", sizes=(256, 1024), modes=("full", "trace"),
     return {"machine": machine_info(device), "dtype": str(dtype).replace("torch.", ""),
             "symmetric": symmetric, "layers": {"p": P_WIDTHS, "q": Q_WIDTHS, "K": K},
             "results": rows}
-
-
-def machine_info(device: torch.device) -> dict:
-    """Versions, CPU/GPU model, threads and date for the JSON record."""
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "native_cpu": _ops.has_kernel("cpu"), "native_cuda": _ops.has_kernel("cuda")}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return info
 
 
 def mlp_factors(n: int, device, dtype, seed: int):
@@ -140,7 +125,7 @@ def _sync(device):
 def _bench_one(device, n, mode, dtype, repeats, symmetric, memory, gemm) -> dict:
     h, d, c = mlp_factors(n, device, dtype, seed=0)
     h2, d2 = (h, d) if symmetric else mlp_factors(n, device, dtype, seed=1)[:2]
-    methods = [m for m in METHODS if m == "torch" or _ops.has_kernel(device.type)]
+    methods = [m for m in METHODS if m == "torch" or route.native_available(device.type)]
     outs = {m: torch.empty(_shape(n, mode), dtype=dtype, device=device) for m in methods}
     row = {"n": n, "mode": mode, "flop": flops(n, n, mode), "out_mib": _mib(outs["torch"])}
     for m in methods:  # warm-up and agreement check
@@ -152,7 +137,7 @@ def _bench_one(device, n, mode, dtype, repeats, symmetric, memory, gemm) -> dict
         if err > (1e-3 if dtype == torch.float32 else 1e-10):
             raise RuntimeError(f"native and torch disagree at N={n} {mode}: {err:.3g}")
     else:
-        row["note"] = f"no native kernel for {device.type}: {_ops.LOAD_ERROR}"
+        row["note"] = f"no native kernel for {device.type}: {loader.LOAD_ERROR}"
     times = {m: [] for m in methods}
     for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
         for m in methods:
@@ -211,7 +196,7 @@ def _cuda_memory(method, h, d, h2, d2, c, mode, out, symmetric) -> float:
 
 def _child_memory(method, n, mode, dtype, symmetric) -> float | None:
     """Peak RSS growth (MiB) of one call in a fresh process, inputs and out already allocated."""
-    cmd = [sys.executable, "-m", "torch_ntk._bench_gram", "--_child", method, str(n), mode,
+    cmd = [sys.executable, "-m", "torch_ntk.apps.bench.gram", "--_child", method, str(n), mode,
            str(dtype).replace("torch.", ""), str(int(symmetric))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

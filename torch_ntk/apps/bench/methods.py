@@ -5,10 +5,8 @@ are first checked to agree on a small input, then timed (median of repeats).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -16,7 +14,9 @@ import time
 import torch
 from torch import nn
 
-# Widths of the DESIGN.md MLP: 64 -> 512 -> 512 -> 512 -> 10.
+from torch_ntk.apps.machine import machine_info, total_memory_gib
+
+# Widths of the benchmark MLP: 64 -> 512 -> 512 -> 512 -> 10.
 MLP_WIDTHS = (64, 512, 512, 512, 10)
 METHODS = ("structured", "structured-torch", "jacobian", "func-jacrev", "func-ntk-vp")
 # Peak memory of a method relative to one full Jacobian N·K·P (measured once, rounded up).
@@ -50,7 +50,7 @@ def run_suite(sizes=(64, 256, 1024), modes=("full", "trace"), methods=METHODS,
               device: str = "cpu", repeats: int = 3, memory_limit_gib: float | None = None,
               log=print) -> dict:
     """Times every method on the benchmark MLP; returns a JSON-ready dict."""
-    memory_limit = (memory_limit_gib or 0.7 * _total_memory_gib()) * 2 ** 30
+    memory_limit = (memory_limit_gib or 0.7 * total_memory_gib()) * 2 ** 30
     log(f"checking that {', '.join(methods)} agree on N=8 ...")
     agreement = _check_agreement(methods, device)
     rows = []
@@ -91,18 +91,6 @@ def format_table(result: dict, baseline: str = "structured") -> str:
     return "\n".join(lines)
 
 
-def machine_info(device: str = "cpu") -> dict:
-    """What the numbers were measured on."""
-    import torch_ntk
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(),
-                torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu=cpu_model(), memory_gib=round(_total_memory_gib(), 1),
-                native=torch_ntk.native.info())
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main_worker(argv: list[str]) -> None:
     """Subprocess entry: time one (method, N, mode) and print one JSON line."""
     method, n, mode, device, repeats = argv[0], int(argv[1]), argv[2], argv[3], int(argv[4])
@@ -124,19 +112,6 @@ def main_worker(argv: list[str]) -> None:
     times.sort()
     print(json.dumps(dict(method=method, n=n, mode=mode, seconds=times[len(times) // 2],
                           repeats=len(times), peak_rss_gib=_peak_rss_gib())))
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, else what platform reports."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 
 # Internal helpers
@@ -194,7 +169,7 @@ def _check_agreement(methods, device: str) -> dict:
 
 
 def _run_worker(method: str, n: int, mode: str, device: str, repeats: int) -> dict:
-    cmd = [sys.executable, "-c", "import sys, torch_ntk._bench as b; b.main_worker(sys.argv[1:])",
+    cmd = [sys.executable, "-c", "import sys, torch_ntk.apps.bench.methods as b; b.main_worker(sys.argv[1:])",
            method, str(n), mode, device, str(repeats)]
     env = dict(os.environ)
     env.pop("TORCH_NTK_DISABLE_NATIVE", None)
@@ -208,10 +183,6 @@ def _run_worker(method: str, n: int, mode: str, device: str, repeats: int) -> di
 def _peak_rss_gib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
-def _total_memory_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
 
 
 def _sync(device: str) -> None:

@@ -1,0 +1,187 @@
+"""``python -m torch_ntk demo``: options, defaults per device, the run loop and its outputs."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from torch_ntk.apps.demo import circle, plots, report
+
+# Defaults per kind of run: widths, seeds, circle points, steps, learning rate. All train for
+# the same time lr · steps = 50 (10 for --quick); smaller steps on a GPU lower the floor set
+# by comparing discrete steps with continuous time (see circle.limit_data).
+_SIZES = {
+    "quick": dict(widths=[16, 64], seeds=2, circle_points=16, steps=20, lr=0.5),
+    "cpu": dict(widths=[64, 128, 256, 512, 1024, 2048, 4096], seeds=4, circle_points=64,
+                steps=100, lr=0.5),
+    "cuda": dict(widths=[64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768], seeds=10,
+                 circle_points=128, steps=400, lr=0.125),
+}
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the options of ``python -m torch_ntk demo`` to ``parser``.
+
+    Args:
+        parser (argparse.ArgumentParser): the ``demo`` (sub)parser.
+    Returns:
+        argparse.ArgumentParser: the same parser.
+    """
+    cpu, gpu = _SIZES["cpu"], _SIZES["cuda"]
+    both = lambda key: f"{_fmt(cpu[key])} on CPU, {_fmt(gpu[key])} on a GPU"  # noqa: E731
+    parser.add_argument("--widths", type=int, nargs="+", default=None, metavar="W",
+                        help=f"hidden widths to sweep (default: {both('widths')})")
+    parser.add_argument("--depth", type=int, default=4,
+                        help="number of affine layers L, as in the paper (default: 4)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"random initialisations per width (default: {both('seeds')})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"full-batch gradient-descent steps (default: {both('steps')})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate; kernel predictions are taken at t = steps in "
+                             f"units of it (default: {both('lr')})")
+    parser.add_argument("--b-std", type=float, default=0.1,
+                        help="bias scale β of the NTK parameterisation (default: 0.1)")
+    parser.add_argument(
+        "--circle-points", type=int, default=None, metavar="G",
+        help=f"test points on the unit circle where kernels and outputs are compared "
+             f"(default: {both('circle_points')})")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="dtype of the networks (default: float32); the analytic kernels "
+                             "and predictions are always float64")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, or auto = cuda when available (default: auto)")
+    parser.add_argument("--out", default=None,
+                        help="output folder for results.json and the PNG plots "
+                             "(default: ./ntk_runs/<timestamp>)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny run (widths 16 and 64, 2 seeds, 20 steps, a few seconds) "
+                             "to check the set-up; explicit options still override it")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the demo experiments, prints a summary table, writes results.json and PNG plots.
+
+    For every width and seed, a depth-L ReLU ``NTKMLP`` (``w_std=1``, ``b_std=β``, one
+    output) is trained by full-batch gradient descent on 4 points of the unit circle, and
+    at t = 0 and t = T its empirical NTK and outputs on G points of the circle are compared
+    with the analytic NTK Θ∞ and with ``predict.gradient_descent_mse`` (kernel gradient
+    descent) started from the network's own initial outputs.
+
+    Args:
+        args (argparse.Namespace): parsed options of ``add_demo_arguments`` (``widths``,
+            ``depth``, ``seeds``, ``steps``, ``lr``, ``b_std``, ``circle_points``, ``dtype``,
+            ``device``, ``out``, ``quick``, ``no_progress``); missing ones take their defaults.
+    Returns:
+        dict: the content of results.json (configuration, per-run and per-width metrics,
+        fitted log-log slopes, plot paths, wall time).
+    Raises:
+        ValueError: an option out of range (the message names it).
+        RuntimeError: ``--device cuda`` without a usable GPU.
+    """
+    require_extras("matplotlib", "tqdm")
+    start = time.perf_counter()
+    cfg = _resolve_config(args)
+    os.makedirs(cfg["out"], exist_ok=True)
+    data = circle.limit_data(cfg)
+    runs = []
+    # Progress in percent of the estimated work, so that the time left is meaningful: a
+    # step of a width-n network costs about n² + 1000 · n (matrix products + overhead).
+    cost = {w: w * w + 1000 * w for w in cfg["widths"]}
+    bar = _progress(sum(cost.values()) * cfg["seeds"] * cfg["steps"], cfg["no_progress"])
+    try:
+        for width in cfg["widths"]:
+            for seed in range(cfg["seeds"]):
+                bar.set_description(f"width {width} seed {seed}")
+                runs.append(circle.run_one(width, seed, cfg, data,
+                                     lambda s, l, c=cost[width]: bar.update(c)))
+    finally:
+        bar.close()
+    results = circle.summarise(cfg, data, runs)
+    results["plots"] = plots.plot_all(cfg, data, runs, results)
+    results["wall_time_s"] = time.perf_counter() - start
+    with open(os.path.join(cfg["out"], "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(report.format_summary(results))
+    print(f"\nwrote {os.path.join(cfg['out'], 'results.json')} and "
+          f"{len(results['plots'])} plots in {results['wall_time_s']:.1f} s")
+    return results
+
+
+
+def require_extras(*modules: str) -> None:
+    """Raises a RuntimeError naming the ``demo`` extra when one of ``modules`` is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(
+            f"demo: needs {', '.join(missing)}, which the library itself doesn't. Install the "
+            "demo extra: pip install 'torch_ntk[demo]' (or pip install -e '.[demo]' in a "
+            "checkout).")
+
+
+# Internal helpers
+
+
+def _fmt(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Fills defaults (depending on the device and --quick) and validates the options."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    device = str(get("device", "auto") or "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"demo: --device {device} was asked for but torch.cuda.is_available() "
+                           "is False. Use --device cpu (or auto).")
+    quick = bool(get("quick", False))
+    kind = "quick" if quick else ("cuda" if device.startswith("cuda") else "cpu")
+    sizes = _SIZES[kind]
+    cfg = {
+        "widths": sorted(set(get("widths") or sizes["widths"])),
+        "seeds": get("seeds") or sizes["seeds"],
+        "depth": get("depth", 4),
+        "steps": get("steps") or sizes["steps"],
+        "lr": get("lr") or sizes["lr"],
+        "activation": "relu",
+        "w_std": 1.0,
+        "b_std": get("b_std", 0.1),
+        "circle_points": get("circle_points") or sizes["circle_points"],
+        "dtype": get("dtype", "float32") or "float32",
+        "device": device,
+        "quick": quick,
+        "sizes_from": kind,
+        "no_progress": bool(get("no_progress", False)),
+    }
+    for key, low in (("depth", 2), ("seeds", 1), ("steps", 1), ("circle_points", 4)):
+        if not isinstance(cfg[key], int) or cfg[key] < low:
+            raise ValueError(f"demo: --{key.replace('_', '-')} must be an integer >= {low}, "
+                             f"got {cfg[key]!r}.")
+    if any(w < 1 for w in cfg["widths"]):
+        raise ValueError(f"demo: --widths must be positive, got {cfg['widths']}.")
+    if not cfg["lr"] > 0 or cfg["b_std"] < 0:
+        raise ValueError(f"demo: need --lr > 0 and --b-std >= 0, got {cfg['lr']} and "
+                         f"{cfg['b_std']}.")
+    cfg["circle_points"] += cfg["circle_points"] % 2  # even, so that γ = 0 is on the grid
+    out = get("out") or os.path.join(
+        "ntk_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    cfg["out"] = os.path.abspath(out)
+    return cfg
+
+
+
+
+def _progress(total: int, disabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=disabled, dynamic_ncols=True,
+                bar_format="{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+

@@ -1,0 +1,106 @@
+"""The demo's figures (matplotlib, Agg canvas: no global backend switch)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (10.0, 50.0, 90.0)
+
+
+def plot_all(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict],
+              results: dict[str, Any]) -> list[str]:
+    """Writes the three PNG figures; returns their paths."""
+    from matplotlib.figure import Figure  # Agg canvas, no global backend switch
+
+    narrow, wide = cfg["widths"][0], cfg["widths"][-1]
+    gamma = np.append(data["gamma"].numpy(), math.pi)  # the circle closes: γ = π is γ = -π
+    wrap = lambda v: np.append(np.asarray(v), np.asarray(v)[..., :1], axis=-1)  # noqa: E731
+    paths = []
+
+    # 1. Θ(x0, x(γ)) for a narrow and a wide network, t = 0 and t = T, with the limit.
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for width, color in ((narrow, "tab:orange"), (wide, "tab:blue")):
+        for i, r in enumerate(r for r in runs if r["width"] == width):
+            ax.plot(gamma, wrap(r["ntk_row_x0_t0"]), color=color, lw=0.9, alpha=0.8,
+                    label=f"width {width}, init" if i == 0 else None)
+            ax.plot(gamma, wrap(r["ntk_row_x0_T"]), color=color, lw=0.9, ls="--", alpha=0.8,
+                    label=f"width {width}, after {cfg['steps']} steps" if i == 0 else None)
+    ax.plot(gamma, wrap(results["limit"]["ntk_row_x0"]), color="black", lw=2, label="limit Θ∞")
+    ax.set(xlabel="γ", ylabel="Θ(x0, x(γ))",
+           title=f"NTK on the unit circle, x0 = (1, 0), depth {cfg['depth']} ReLU")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, cfg["out"], "ntk_circle.png"))
+
+    # 2. Log-log: NTK error at init and drift during training vs width, fitted slopes.
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 3)
+    panels = (("init_rel_err", "‖Θ0 − Θ∞‖ / ‖Θ∞‖", "NTK at init vs limit"),
+              ("drift", "‖ΘT − Θ0‖ / ‖Θ0‖", "NTK drift during training"),
+              ("net_vs_kernel", "RMS of f_net(T) − f_kernel(T)", "network vs kernel GD"))
+    for ax, (metric, ylabel, title) in zip(axes, panels):
+        _loglog_panel(ax, cfg, runs, results, metric)
+        ax.set(xlabel="width", ylabel=ylabel, title=title)
+        if metric == "net_vs_kernel":
+            xs = cfg["widths"]
+            ax.plot(xs, [e["net_vs_linearized"]["geomean"] for e in results["per_width"]],
+                    "s-", color="tab:green", ms=4, label="vs linearized (Θ0)")
+            ax.axhline(results["limit"]["discretization_floor"], color="gray", ls=":",
+                       label="discrete-step floor")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, cfg["out"], "ntk_convergence.png"))
+
+    # 3. Outputs on the circle at time T: networks vs the limit's kernel gradient descent.
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    lim = {p: wrap(v) for p, v in results["limit"]["kernel_gd_percentiles_T"].items()}
+    lo, mid, hi = (str(p) for p in PERCENTILES)
+    for ax, width in zip(axes, (narrow, wide)):
+        f_net = wrap(np.array([r["f_net_T"] for r in runs if r["width"] == width]))
+        ax.fill_between(gamma, lim[lo], lim[hi], color="gray", alpha=0.3,
+                        label="limit, 10-90th pct")
+        ax.plot(gamma, lim[mid], color="black", lw=1.5, label="limit, median")
+        for i, f in enumerate(f_net):
+            ax.plot(gamma, f, color="tab:blue", lw=0.8, alpha=0.7,
+                    label="networks" if i == 0 else None)
+        if len(f_net) >= 3:
+            pct = np.percentile(f_net, PERCENTILES, axis=0)
+            ax.plot(gamma, pct[0], color="tab:red", lw=1, ls="--", label="networks, 10/90th pct")
+            ax.plot(gamma, pct[2], color="tab:red", lw=1, ls="--")
+        ax.scatter(data["gamma_train"].numpy(), data["y_train"][:, 0].numpy(), color="black",
+                   marker="x", s=60, zorder=5, label="training points")
+        ax.set(xlabel="γ", title=f"width {width}: {len(f_net)} networks, {cfg['steps']} steps "
+                                 f"of lr {cfg['lr']:g}")
+    axes[0].set_ylabel("f(x(γ))")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, cfg["out"], "net_vs_kernel.png"))
+    return paths
+
+
+def _loglog_panel(ax, cfg, runs, results, metric: str) -> None:
+    widths = cfg["widths"]
+    for r in runs:
+        ax.plot(r["width"], r[metric], ".", color="tab:blue", alpha=0.35, ms=4)
+    gm = [e[metric]["geomean"] for e in results["per_width"]]
+    ax.plot(widths, gm, "o-", color="tab:blue", ms=4, label="geometric mean over seeds")
+    if metric in results["slopes"]:
+        s = results["slopes"][metric]
+        xs = np.array([widths[0], widths[-1]], dtype=float)
+        ax.plot(xs, np.exp(s["intercept"]) * xs ** s["slope"], color="tab:red", lw=1,
+                label=f"fit: slope {s['slope']:+.2f}")
+        for ref, style in ((-0.5, "--"), (-1.0, ":")) if metric == "drift" else ((-0.5, "--"),):
+            ax.plot(xs, gm[-1] * (xs / widths[-1]) ** ref, color="gray", lw=1, ls=style,
+                    label=f"slope {ref:+g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+
+
+def _save(fig, out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    return path

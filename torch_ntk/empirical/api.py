@@ -1,0 +1,286 @@
+"""empirical_ntk(): validate, choose a method, tile over batch_size, fill ``out``."""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from torch_ntk import _modes
+from torch_ntk.empirical import checks
+from torch_ntk.empirical.jacobian import JacobianNTK
+from torch_ntk.empirical.structured import StructuredNTK, blocking_modules
+
+_PROBE_ROWS = 5                  # probe batch size: reveals which layer axis is the batch axis
+_FACTOR_BYTES = 512 * 2 ** 20    # default budget for the factors of one block of inputs
+_TILE_BYTES = 512 * 2 ** 20      # default budget for one output tile
+_CACHE_BYTES = 2 * 2 ** 30       # factors of x2 blocks kept for reuse across rows
+_CACHED_BLOCKS = 4               # ... or this many blocks when the caller sets batch_size
+
+
+def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
+                  mode: str = "full", method: str = "auto", batch_size: int | None = None,
+                  out: Tensor | None = None) -> Tensor:
+    """Empirical NTK Θ(x, x') = Σ_p ∂f(x)/∂θ_p · ∂f(x')/∂θ_p at the current parameters.
+
+    The sum runs over every parameter with ``requires_grad=True``; outputs are flattened
+    per sample, so a model mapping ``(N, ...)`` to ``(N, ...)`` has ``K = prod(out[1:])``.
+
+    Args:
+        model (nn.Module): samples in a batch must not interact (e.g. no BatchNorm in train
+            mode). Its parameters, buffers, gradients and ``training`` flag are left as they were.
+        x1 (Tensor[N1, *in_shape]): first batch, on the model's device.
+        x2 (Tensor[N2, *in_shape], optional): second batch; ``None`` reuses x1 and computes
+            only the tiles on or above the diagonal.
+        mode (str): ``"full"`` -> Tensor[N1, N2, K, K] with ``k[n, m, a, b] = Θ(x1[n], x2[m])_ab``,
+            ``"trace"`` -> Tensor[N1, N2] (``Σ_a Θ_aa``), ``"diagonal"`` -> Tensor[N1, N2, K].
+        method (str): ``"structured"`` (layer-factorised Grams, never forms the Jacobian),
+            ``"jacobian"`` (torch.func reference, any model) or ``"auto"`` (structured when the
+            model has a Linear/Conv layer with trainable parameters, else jacobian).
+        batch_size (int, optional): inputs of each side processed at once (memory tiling);
+            chosen from the model's size when ``None``. The result doesn't depend on it.
+        out (Tensor, optional): preallocated result of the shape above and the model's dtype,
+            on any device (e.g. host memory while computing on a GPU); filled and returned.
+
+    Returns:
+        Tensor: shape as listed under ``mode``; the model's dtype, on x1's device (or ``out``).
+
+    Raises:
+        TypeError: ``model``, ``x1``, ``x2``, ``out`` or the model output of the wrong kind.
+        ValueError: unknown ``mode``/``method``, mismatched shapes, dtypes or devices, no
+            trainable parameters, samples that interact, non-finite outputs.
+
+    Example:
+        >>> torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randn(5, 3), mode="trace").shape
+        torch.Size([5, 5])
+    """
+    with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size) as plan:
+        checks.check_out(out, plan.shape, plan.dtype, inputs=(x1, x2))
+        result = torch.empty(plan.shape, dtype=plan.dtype, device=x1.device) if out is None else out
+        direct = result.device == x1.device
+        for i, j in plan.tiles():
+            target = result[plan.rows[i], plan.cols[j]]
+            tile = plan.compute_tile(i, j, target if direct else None)
+            if not direct:
+                target.copy_(tile)
+            if plan.symmetric and j > i:
+                result[plan.cols[j], plan.rows[i]].copy_(_modes.transpose(tile, mode))
+            plan.release(i, j)
+        if out is not None:
+            torch.autograd.graph.increment_version(out)  # written in place, like torch's out=
+    return result
+
+
+class KernelPlan:
+    """A checked kernel computation split into tiles: what ``empirical_ntk`` and
+    ``torch_ntk.distributed`` share.
+
+    Entering the context validates the arguments, takes the model's lock, picks the engine
+    (probe forward and assumption checks) and the tile grid; leaving it restores the model's
+    state (buffers, registered tensors, ``training``) and releases the lock.
+
+    Attributes:
+        shape (tuple): the kernel's shape for ``mode``; ``dtype`` the model's dtype.
+        rows, cols (list of slice): blocks of x1 and x2 (``cols is rows`` when x2 is None).
+        symmetric (bool): x2 is None; only tiles with ``j >= i`` are computed.
+        engine: the structured or jacobian engine chosen (``engine.name``).
+    """
+
+    def __init__(self, model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
+                 mode: str = "full", method: str = "auto",
+                 batch_size: int | None = None) -> None:
+        checks.check_options(mode, method, batch_size)
+        self.params = checks.check_model(model)
+        checks.check_inputs(x1, x2, next(iter(self.params.values())))
+        self.model, self.x1, self.x2 = model, x1, x2
+        self.mode, self.method, self.batch_size = mode, method, batch_size
+        self.symmetric = x2 is None
+        self._state: _ModelState | None = None
+
+    def __enter__(self) -> "KernelPlan":
+        self._state = _ModelState(self.model)
+        try:
+            self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
+                                                 self.method)
+            x2 = self.x1 if self.x2 is None else self.x2
+            n1, n2 = self.x1.shape[0], x2.shape[0]
+            self.shape = _modes.kernel_shape(n1, n2, self.k, self.mode)
+            self.dtype = next(iter(self.params.values())).dtype
+            size = self.batch_size or _default_batch_size(self.engine, self.k, self.mode,
+                                                          self.dtype, max(n1, n2))
+            self.rows = _blocks(n1, size)
+            self.cols = self.rows if self.symmetric else _blocks(n2, size)
+            budget = (_CACHE_BYTES if self.batch_size is None else
+                      _CACHED_BLOCKS * size * self.engine.bytes_per_sample(self.k))
+            self._cache = _FactorCache(self.engine, x2, self.cols, budget)
+        except BaseException:
+            self._state.restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._state.restore()
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """Tile indices ``(i, j)`` in computing order (``j >= i`` only when symmetric)."""
+        return [(i, j) for i in range(len(self.rows)) for j in range(len(self.cols))
+                if not (self.symmetric and j < i)]
+
+    def compute_tile(self, i: int, j: int, out: Tensor | None = None) -> Tensor:
+        """Θ(x1[rows[i]], x2[cols[j]]) in ``mode``, written into ``out`` when given."""
+        f1 = self._cache.get(i) if self.symmetric else self._row_factors(i)
+        f2 = f1 if self.symmetric and i == j else self._cache.get(j)
+        shape = _modes.kernel_shape(self.rows[i].stop - self.rows[i].start,
+                                    self.cols[j].stop - self.cols[j].start, self.k, self.mode)
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype, device=self.x1.device)
+        self.engine.contract(f1, f2, self.mode, out, symmetric=self.symmetric and i == j)
+        return out
+
+    def release(self, i: int, j: int) -> None:
+        """Tells the plan tile ``(i, j)`` is done, so factors no longer needed can go."""
+        if self.symmetric and j == len(self.cols) - 1:
+            self._cache.drop(i)
+
+    def _row_factors(self, i: int):
+        if getattr(self, "_row", (None, None))[0] != i:
+            self._row = (i, self.engine.factors(self.x1[self.rows[i]]))
+        return self._row[1]
+
+
+# Internal helpers
+
+def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
+                   x2: Tensor | None, method: str) -> tuple[StructuredNTK | JacobianNTK, int]:
+    """Picks the engine, runs the probe forward and checks samples don't interact.
+
+    Returns:
+        (engine, K): K the number of outputs per sample.
+    """
+    n1 = x1.shape[0]
+    probe = x1[torch.arange(_PROBE_ROWS, device=x1.device) % n1]
+    engine: StructuredNTK | JacobianNTK
+    if method == "jacobian":
+        engine = JacobianNTK(model, params)
+        with torch.no_grad():
+            f_probe = model(probe)
+    else:
+        engine = StructuredNTK(model, params)
+        f_probe = engine.plan(probe)
+        if engine.factorised and engine.verify(x1) > _verify_tolerance(x1, params):
+            if method == "structured":
+                raise ValueError(
+                    "empirical_ntk: method='structured' does not reproduce the model's own "
+                    "gradients: a parameter of a factorised layer ("
+                    f"{', '.join(l.name for l in engine.layers)}) is also used outside that "
+                    "layer's forward (e.g. passed to F.linear elsewhere). Use method='jacobian' "
+                    "or 'auto'.")
+            engine = JacobianNTK(model, params)
+        elif not engine.factorised:
+            if method == "structured":
+                raise ValueError(
+                    "empirical_ntk: method='structured' needs at least one nn.Linear, nn.Conv1d, "
+                    "nn.Conv2d or torch_ntk.NTKLinear layer with trainable parameters applied "
+                    "batch-first, but the trainable parameters live in "
+                    f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
+            engine = JacobianNTK(model, params)
+    f_probe = checks.check_output(f_probe, _PROBE_ROWS, "x1")
+    with torch.no_grad():
+        for row in range(min(n1, 2)):
+            f_single = checks.check_output(model(x1[row:row + 1]), 1, "x1")
+            checks.check_independent(f_probe, f_single, row)
+    return engine, f_probe.shape[1]
+
+
+def _verify_tolerance(x: Tensor, params: dict[str, Tensor]) -> float:
+    """Relative error allowed between the structured and the autograd Θ_aa(x, x)."""
+    dtype = next(iter(params.values())).dtype
+    if dtype == torch.float64:
+        return 1e-8
+    return 2e-2 if x.is_cuda else 1e-3  # float32 on CUDA may run TF32 matmuls
+
+
+def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int) -> int:
+    """Largest block whose factors and output tile fit the default memory budgets."""
+    per_pair = _modes.entries_per_pair(k, mode) * dtype.itemsize
+    by_tile = int(math.sqrt(_TILE_BYTES / per_pair))
+    by_factors = _FACTOR_BYTES // max(1, engine.bytes_per_sample(k))
+    return max(1, min(n, by_tile, by_factors))
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class _FactorCache:
+    """Factors of column blocks, kept while they fit ``budget`` bytes, else recomputed."""
+
+    def __init__(self, engine, x: Tensor, blocks: list[slice], budget: int) -> None:
+        self.engine, self.x, self.blocks, self.budget = engine, x, blocks, budget
+        self.kept: dict[int, object] = {}
+        self.bytes = 0
+
+    def get(self, j: int):
+        if j in self.kept:
+            return self.kept[j]
+        factors = self.engine.factors(self.x[self.blocks[j]])
+        size = _nbytes(factors)
+        if self.bytes + size <= self.budget:
+            self.kept[j] = factors
+            self.bytes += size
+        return factors
+
+    def drop(self, j: int) -> None:
+        if j in self.kept:
+            self.bytes -= _nbytes(self.kept.pop(j))
+
+
+def _nbytes(factors) -> int:
+    if isinstance(factors, Tensor):
+        return factors.numel() * factors.element_size()
+    return sum(t.numel() * t.element_size() for t in (*factors.h, *factors.d))
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+class _ModelState:
+    """Holds the model's lock and restores what a call must leave as it found it.
+
+    Calls on one model are serialised (hooks, probe forwards and torch.func's parameter swaps
+    act on the shared module); calls on different models run concurrently. Restored: every
+    module's registered parameters and buffers (a forward that reassigns ``self.n = ...``), the
+    buffers' values and every ``training`` flag.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        with _LOCKS_GUARD:
+            self.lock = _LOCKS.setdefault(model, threading.RLock())
+        self.lock.acquire()
+        try:
+            modules = list(model.modules())
+            self.registered = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
+            self.training = [(m, m.training) for m in modules]
+            self.values = [(b, b.detach().clone()) for b in model.buffers()]
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def restore(self) -> None:
+        try:
+            for module, params, buffers in self.registered:
+                for now, saved in ((module._parameters, params), (module._buffers, buffers)):
+                    if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
+                        now.clear()
+                        now.update(saved)
+            for module, flag in self.training:
+                module.training = flag
+            with torch.no_grad():
+                for buffer, saved in self.values:
+                    if not torch.equal(buffer, saved):  # an untouched buffer keeps its version
+                        buffer.copy_(saved)
+        finally:
+            self.lock.release()

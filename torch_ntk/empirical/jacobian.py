@@ -3,6 +3,11 @@
 Works for any model whose samples don't interact. Per block of inputs it forms the
 per-sample Jacobian ``J (n, K, P)`` and contracts it; memory is ``O(n·K·P)`` per block,
 so callers tile the inputs.
+
+Models that ``torch.func.vmap`` cannot run (e.g. ``nn.RNN``/``nn.GRU``/``nn.LSTM``, whose
+kernels have no batching rule, or forwards that call ``.item()``) get the same Jacobian from
+plain autograd, one sample at a time. Which path a model takes is decided on its first block
+(``PerSampleJacobian.vmap``) and kept for the following ones.
 """
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ class JacobianNTK:
         self.model = model
         self.params = dict(params)
         self.num_params = sum(p.numel() for p in self.params.values())
+        self.jacobian = PerSampleJacobian(model, self.params)
+
+    @property
+    def vmap(self) -> bool | None:
+        """True: torch.func.vmap runs the model; False: per-sample autograd; None: no block yet."""
+        return self.jacobian.vmap
 
     def bytes_per_sample(self, k: int) -> int:
         itemsize = next(iter(self.params.values())).element_size()
@@ -31,7 +42,7 @@ class JacobianNTK:
 
     def factors(self, x: Tensor) -> Tensor:
         """Tensor[n, K, P]: ∂f_a(x_n)/∂θ_p over the trainable parameters."""
-        return per_sample_jacobian(self.model, self.params, x)
+        return self.jacobian(x)
 
     def contract(self, j1: Tensor, j2: Tensor, mode: str, out: Tensor,
                  symmetric: bool = False) -> Tensor:
@@ -39,8 +50,112 @@ class JacobianNTK:
         return out.copy_(contract_jacobians(j1, j2, mode))
 
 
+class PerSampleJacobian:
+    """Per-sample Jacobians of one model w.r.t. a fixed set of its parameters.
+
+    The first block tries ``vmap(jacrev)``. When torch.func cannot run the model there, the
+    block is recomputed by plain autograd (a forward per sample, reverse passes for its K
+    outputs); only if that succeeds is the model marked as not vmappable, so an error of the
+    model itself (bad input shape, non-finite output) is raised as it would be without vmap.
+
+    Attributes:
+        vmap (bool or None): the path chosen, ``None`` until the first block.
+        vmap_error (str or None): why vmap could not run the model, when it could not.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+        self.model = model
+        self.params = dict(params)
+        self.slots = _distinct_slots(model, self.params)
+        self.vmap: bool | None = None
+        self.vmap_error: str | None = None
+        self._batched_grads: bool | None = None  # is_grads_batched works on this model
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Jacobian of the flattened per-sample output w.r.t. the parameters.
+
+        Args:
+            x (Tensor[n, *in_shape]): a batch of inputs.
+        Returns:
+            Tensor[n, K, P]: P = total size of the parameters (in their order, each flattened).
+        """
+        if self.vmap is None:
+            return self._decide(x)
+        return self._vmapped(x) if self.vmap else self._looped(x)
+
+    def _decide(self, x: Tensor) -> Tensor:
+        try:
+            raw = self._vmap_raw(x)
+        except torch.OutOfMemoryError:
+            raise  # not a limitation of vmap: the caller should use smaller blocks
+        except Exception as exc:  # noqa: BLE001 - the autograd path re-raises real errors
+            jac = self._looped(x)
+            self.vmap, self.vmap_error = False, f"{type(exc).__name__}: {exc}"
+            return jac
+        self.vmap = True
+        return self._assemble(*raw, x.shape[0])
+
+    def _vmapped(self, x: Tensor) -> Tensor:
+        return self._assemble(*self._vmap_raw(x), x.shape[0])
+
+    def _vmap_raw(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """vmap(jacrev) over the samples: (Jacobian by parameter name, outputs (n, K))."""
+        detached = {name: p.detach() for name, p in self.params.items()}
+        model, slots = self.model, self.slots
+
+        def f_single(theta: dict[str, Tensor], xi: Tensor) -> tuple[Tensor, Tensor]:
+            tensors = {slot: theta[name] for slot, name in slots.items()}
+            y = functional_call(model, tensors, (xi.unsqueeze(0),), tie_weights=False,
+                                strict=False).reshape(-1)
+            return y, y
+
+        with torch.no_grad():
+            return vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(detached, x)
+
+    def _assemble(self, jac: dict[str, Tensor], f: Tensor, n: int) -> Tensor:
+        f = checks.check_output(f, n, "these inputs")
+        k = f.shape[1]
+        return torch.cat([jac[name].reshape(n, k, -1) for name in self.params], dim=2)
+
+    def _looped(self, x: Tensor) -> Tensor:
+        """Plain autograd, one sample at a time: Tensor[n, K, P]."""
+        return torch.stack([self._sample_jacobian(x[i:i + 1]) for i in range(x.shape[0])])
+
+    def _sample_jacobian(self, xi: Tensor) -> Tensor:
+        """Tensor[K, P] of one input xi (Tensor[1, *in_shape])."""
+        tensors = list(self.params.values())
+        with torch.enable_grad():
+            f = checks.check_output(self.model(xi), 1, "these inputs").reshape(-1)
+            if not f.requires_grad:  # the output doesn't depend on these parameters
+                return f.new_zeros(f.shape[0], sum(p.numel() for p in tensors))
+            grads = self._output_gradients(f, tensors)
+        return torch.cat([g.reshape(f.shape[0], -1) for g in grads], dim=1).detach()
+
+    def _output_gradients(self, f: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+        """∂f_a/∂θ for every output a, as Tensor[K, *θ.shape] per parameter."""
+        k = f.shape[0]
+        eye = torch.eye(k, dtype=f.dtype, device=f.device)
+        grad = dict(allow_unused=True, materialize_grads=True)
+        if self._batched_grads is not False:
+            try:
+                grads = torch.autograd.grad(f, tensors, eye, is_grads_batched=True,
+                                            retain_graph=self._batched_grads is None, **grad)
+                self._batched_grads = True
+                return list(grads)
+            except RuntimeError:
+                if self._batched_grads:
+                    raise
+        per_output = [torch.autograd.grad(f, tensors, eye[a], retain_graph=a < k - 1, **grad)
+                      for a in range(k)]
+        self._batched_grads = False  # some backward formula lacks a batching rule
+        return [torch.stack(g) for g in zip(*per_output)]
+
+
 def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """Jacobian of the flattened per-sample output w.r.t. ``params``.
+    """Jacobian of the flattened per-sample output w.r.t. ``params``, for one block.
+
+    Callers that process several blocks should keep one ``PerSampleJacobian`` instead, so
+    that the vmap-or-autograd decision is taken once.
 
     Args:
         model (nn.Module): the network; parameters not in ``params`` are held fixed.
@@ -49,18 +164,7 @@ def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
     Returns:
         Tensor[n, K, P]: P = total size of ``params`` (in insertion order, each flattened).
     """
-    n = x.shape[0]
-    detached = {name: p.detach() for name, p in params.items()}
-
-    def f_single(theta: dict[str, Tensor], xi: Tensor) -> tuple[Tensor, Tensor]:
-        y = functional_call(model, theta, (xi.unsqueeze(0),), strict=False).reshape(-1)
-        return y, y
-
-    with torch.no_grad():
-        jac, f = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(detached, x)
-    checks.check_output(f, n, "these inputs")
-    k = f.shape[1]
-    return torch.cat([jac[name].reshape(n, k, -1) for name in detached], dim=2)
+    return PerSampleJacobian(model, params)(x)
 
 
 def contract_jacobians(j1: Tensor, j2: Tensor, mode: str) -> Tensor:
@@ -74,3 +178,26 @@ def contract_jacobians(j1: Tensor, j2: Tensor, mode: str) -> Tensor:
     if mode == "trace":
         return torch.einsum("nap,map->nm", j1, j2)
     return torch.einsum("nap,map->nma", j1, j2)
+
+
+# Internal helpers
+
+def _distinct_slots(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, str]:
+    """Maps one name per registration slot of each parameter in ``params`` to its key there.
+
+    A slot is a (module, attribute) pair. A module registered under two names (``m.a = m.b =
+    lin``, or one layer twice in a Sequential) lists its parameters under both names but holds
+    them in one slot: swapping that slot twice would leave torch.func's wrapper in the model
+    when the swaps are undone. A parameter shared by two modules has two slots, and both must
+    see the differentiated tensor.
+    """
+    key_of = {id(p): name for name, p in params.items()}
+    slots: dict[str, str] = {}
+    seen: set[tuple[int, str]] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is None or id(p) not in key_of or (id(module), attr) in seen:
+                continue
+            seen.add((id(module), attr))
+            slots[f"{prefix}.{attr}" if prefix else attr] = key_of[id(p)]
+    return slots

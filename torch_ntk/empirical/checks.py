@@ -101,6 +101,12 @@ def check_output(f: object, n: int, where: str) -> Tensor:
         raise ValueError(
             f"empirical_ntk: the model mapped a batch of {n} inputs to an output of shape "
             f"{tuple(f.shape)}; the output must keep the batch dimension first.")
+    if not f.is_floating_point():
+        raise TypeError(
+            "empirical_ntk: the model's output must be a real floating-point Tensor to have "
+            f"gradients, got dtype {f.dtype}. Return the output before any rounding, argmax or "
+            "cast (e.g. .long(), .bool()), and split a complex output into real and imaginary "
+            "parts (torch.view_as_real).")
     if not bool(torch.isfinite(f).all()):
         raise ValueError(
             f"empirical_ntk: the model's output is not finite (NaN or inf) on {where}; its NTK is "

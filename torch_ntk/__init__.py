@@ -3,7 +3,8 @@ from torch_ntk import native, predict
 from torch_ntk.dynamics import linearize
 from torch_ntk.empirical import empirical_ntk
 from torch_ntk.infinite import NTKLinear, NTKMLP, analytic_ntk
+from torch_ntk import distributed  # after the single-process functions it builds on
 
 __all__ = ["empirical_ntk", "analytic_ntk", "NTKMLP", "NTKLinear", "linearize", "predict",
-           "native"]
+           "native", "distributed"]
 __version__ = "0.1.0"

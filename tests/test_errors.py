@@ -164,10 +164,20 @@ def test_output_without_batch_dimension():
         torch_ntk.empirical_ntk(Total(), torch.randn(4, 3), method="jacobian")
 
 
-def test_structured_without_factorisable_layer_names_the_module():
-    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten())
-    with pytest.raises(ValueError, match=r"0 \(Embedding\)"):
-        torch_ntk.empirical_ntk(model, torch.randint(0, 5, (3, 2)), method="structured")
+class FoldedBatch(nn.Module):
+    """The only layer sees the batch folded into its rows: no layer keeps samples on rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.tok(x.reshape(-1, 4)).reshape(x.shape[0], -1)
+
+
+def test_structured_without_usable_layer_names_the_module():
+    with pytest.raises(ValueError, match=r"tok \(Linear\)"):
+        torch_ntk.empirical_ntk(FoldedBatch(), torch.randn(3, 12), method="structured")
 
 
 @pytest.mark.parametrize("shape, dtype", [((3, 3), torch.float64), ((3, 3, 2, 2), torch.float32)])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import torch_ntk
+from torch_ntk.empirical.api import _choose_engine
 from torch_ntk.empirical.structured import StructuredNTK
 from conftest import assert_close, make
 
@@ -19,9 +20,10 @@ def _check(model, x1, x2=None, batch_size=None):
 
 
 def _engine(model, x):
+    """The structured engine as empirical_ntk plans and checks it."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    engine = StructuredNTK(model, params)
-    engine.plan(x[torch.arange(5) % x.shape[0]])
+    engine, _ = _choose_engine(model, params, x, None, "structured")
+    assert isinstance(engine, StructuredNTK)
     return engine
 
 
@@ -97,7 +99,7 @@ def test_tied_weights_are_exact():
     model = Tied().double()
     x = torch.randn(6, 4, dtype=torch.float64)
     engine = _engine(model, x)
-    assert {"a.weight", "a.bias", "b.bias"} <= set(engine.foreign)
+    assert set(engine.foreign) == {"a.weight"}  # the tied weight; the biases stay Gram layers
     _check(model, x, batch_size=4)
 
 
@@ -105,15 +107,20 @@ def test_bare_parameter_repeated_call_and_unused_layer():
     model = ScaledResidual().double()
     x = torch.randn(6, 4, dtype=torch.float64)
     engine = _engine(model, x)
-    assert set(engine.foreign) == {"gain", "unused.weight", "unused.bias"}  # exact zeros
-    assert [(l.name, l.calls) for l in engine.layers] == [("lin", 2), ("head", 1)]
+    assert engine.foreign == {}
+    assert [(l.name, l.calls, l.gram) for l in engine.layers] == [
+        ("<root>", 1, False), ("lin", 2, False), ("head", 1, True)]
+    root = engine.layers[0]  # the bare parameter and the never-called layer (exact zeros)
+    assert set(root.params) == {"gain", "unused.weight", "unused.bias"}
     _check(model, x, torch.randn(4, 4, dtype=torch.float64), batch_size=5)
 
 
-def test_subclass_with_custom_forward_is_not_factorised():
+def test_subclass_with_custom_forward_gets_per_sample_gradients():
     model = nn.Sequential(CustomLinear(4, 3), nn.Linear(3, 2)).double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    assert set(_engine(model, x).foreign) == {"0.weight", "0.bias"}
+    engine = _engine(model, x)
+    assert engine.foreign == {}
+    assert [(l.name, l.rule.name) for l in engine.layers] == [("0", "local"), ("1", "linear")]
     _check(model, x)
 
 
@@ -121,14 +128,14 @@ def test_circular_padding_conv_is_exact():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Tanh(),
                           nn.Conv2d(2, 1, 2), nn.Flatten()).double()
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
-    assert set(_engine(model, x).foreign) == {"0.weight", "0.bias"}
+    assert _engine(model, x).foreign == {}
     _check(model, x)
 
 
 def test_mlp_never_forms_a_jacobian():
     model, x, _ = make("mlp_k10", torch.float64, 6, 1)
     engine = _engine(model, x)
-    assert engine.foreign == {} and all(not l.per_position for l in engine.layers)
+    assert engine.foreign == {} and all(l.gram for l in engine.layers)
 
 
 def test_frozen_weight_trainable_bias():

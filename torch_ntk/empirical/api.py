@@ -13,7 +13,7 @@ from torch_ntk.empirical import checks
 from torch_ntk.empirical.jacobian import JacobianNTK
 from torch_ntk.empirical.structured import StructuredNTK, blocking_modules
 
-_PROBE_ROWS = 5                  # probe batch size: reveals which layer axis is the batch axis
+_PROBE_SIZES = (5, 7, 11, 13, 17, 19, 23)  # probe batch sizes: a size no other axis has
 _FACTOR_BYTES = 512 * 2 ** 20    # default budget for the factors of one block of inputs
 _TILE_BYTES = 512 * 2 ** 20      # default budget for one output tile
 _CACHE_BYTES = 2 * 2 ** 30       # factors of x2 blocks kept for reuse across rows
@@ -154,52 +154,105 @@ class KernelPlan:
 
 def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                    x2: Tensor | None, method: str) -> tuple[StructuredNTK | JacobianNTK, int]:
-    """Picks the engine, runs the probe forward and checks samples don't interact.
+    """Picks the engine after checking, on a probe batch, what the methods rest on.
+
+    The probe holds distinct samples of x1 and x2 (a perturbed copy when there is only one):
+
+    - the forward is deterministic, and each sample's output is the same alone as in the
+      batch (samples don't interact): otherwise a ValueError, whatever the method;
+    - structured: each layer's calls keep every sample on its own batch row (a layer that
+      doesn't is handed to the Jacobian path under "auto", named in a ValueError under
+      "structured"), and the factorised kernel equals autograd's on pairs of distinct samples
+      (else "auto" takes the Jacobian method).
 
     Returns:
         (engine, K): K the number of outputs per sample.
     """
-    n1 = x1.shape[0]
-    probe = x1[torch.arange(_PROBE_ROWS, device=x1.device) % n1]
-    engine: StructuredNTK | JacobianNTK
-    if method == "jacobian":
-        engine = JacobianNTK(model, params)
+    samples = _distinct_samples(x1, x2)
+    with checks.exact_matmul():
+        for size in _PROBE_SIZES:
+            if size in x1.shape[1:]:
+                continue
+            probe = samples[torch.arange(size, device=x1.device) % samples.shape[0]]
+            engine: StructuredNTK | JacobianNTK
+            if method == "jacobian":
+                engine = JacobianNTK(model, params)
+                with torch.no_grad():
+                    f_probe = model(probe)
+                break
+            engine = StructuredNTK(model, params)
+            f_probe = engine.plan(probe)
+            if not engine.ambiguous:
+                break
+        f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
         with torch.no_grad():
-            f_probe = model(probe)
-    else:
-        engine = StructuredNTK(model, params)
-        f_probe = engine.plan(probe)
-        if engine.factorised and engine.verify(x1) > _verify_tolerance(x1, params):
+            checks.check_deterministic(f_probe, checks.check_output(model(probe), size, "x1"))
+            for row in range(samples.shape[0]):
+                f_single = checks.check_output(model(probe[row:row + 1]), 1, "x1")
+                checks.check_independent(f_probe, f_single, row)
+        if method == "jacobian":
+            return engine, f_probe.shape[1]
+        moved = sorted({name for row in range(samples.shape[0])
+                        for name in engine.check_rows(probe, row)})
+        if moved and method == "structured":
+            raise ValueError(
+                f"empirical_ntk: method='structured' can't use layer(s) {', '.join(moved)}: "
+                "their inputs or outputs don't keep each sample on its own batch row (e.g. the "
+                "model reorders, sorts or folds the batch around them). Use method='auto', "
+                "which computes their share with the Jacobian, or method='jacobian'.")
+        engine.drop(set(moved))
+        if engine.factorised and engine.verify(samples) > _verify_tolerance(params):
             if method == "structured":
                 raise ValueError(
                     "empirical_ntk: method='structured' does not reproduce the model's own "
-                    "gradients: a parameter of a factorised layer ("
-                    f"{', '.join(l.name for l in engine.layers)}) is also used outside that "
-                    "layer's forward (e.g. passed to F.linear elsewhere). Use method='jacobian' "
-                    "or 'auto'.")
+                    "gradients on pairs of samples: a parameter of a factorised layer ("
+                    f"{', '.join(l.name for l in engine.layers)}) also acts outside that "
+                    "layer's call (e.g. passed to F.linear elsewhere, or read by a forward "
+                    "hook). Use method='jacobian' or 'auto'.")
             engine = JacobianNTK(model, params)
         elif not engine.factorised:
             if method == "structured":
                 raise ValueError(
-                    "empirical_ntk: method='structured' needs at least one nn.Linear, nn.Conv1d, "
-                    "nn.Conv2d or torch_ntk.NTKLinear layer with trainable parameters applied "
-                    "batch-first, but the trainable parameters live in "
+                    "empirical_ntk: method='structured' found no layer whose calls keep the "
+                    "batch on one axis; the trainable parameters live in "
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
             engine = JacobianNTK(model, params)
-    f_probe = checks.check_output(f_probe, _PROBE_ROWS, "x1")
-    with torch.no_grad():
-        for row in range(min(n1, 2)):
-            f_single = checks.check_output(model(x1[row:row + 1]), 1, "x1")
-            checks.check_independent(f_probe, f_single, row)
     return engine, f_probe.shape[1]
 
 
-def _verify_tolerance(x: Tensor, params: dict[str, Tensor]) -> float:
-    """Relative error allowed between the structured and the autograd Θ_aa(x, x)."""
+def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
+    """Up to 3 samples from x1 and x2 (first, last, middle), with two distinct at least.
+
+    When every candidate is the same, the last becomes a perturbed copy (noise for floating
+    inputs, the entries rolled along the last axis for integer ones), so that samples that
+    interact can't hide behind identical rows.
+    """
+    picks = [x1[:1], x1[-1:]] + ([] if x2 is None else [x2[:1], x2[-1:]]) + [
+        x1[x1.shape[0] // 2:x1.shape[0] // 2 + 1]]
+    distinct: list[Tensor] = []
+    for p in picks:
+        if len(distinct) < 3 and not any(torch.equal(p, q) for q in distinct):
+            distinct.append(p)
+    if len(distinct) == 1:
+        x = distinct[0]
+        if x.is_floating_point():
+            gen = torch.Generator(device=x.device).manual_seed(0)
+            noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            other = x + noise * (0.5 * float(x.abs().max()) + 1e-3)
+        else:
+            other = x.roll(1, dims=-1) if x.dim() > 1 else x
+        distinct.append(other)
+    return torch.cat(distinct)
+
+
+def _verify_tolerance(params: dict[str, Tensor]) -> float:
+    """Relative error allowed between the structured and autograd's Θ on the check's pairs.
+
+    Both sides sum the same products in different orders; TF32 is off during the check, so
+    rounding stays within a few hundred ulps of the dtype.
+    """
     dtype = next(iter(params.values())).dtype
-    if dtype == torch.float64:
-        return 1e-8
-    return 2e-2 if x.is_cuda else 1e-3  # float32 on CUDA may run TF32 matmuls
+    return {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 3e-2)
 
 
 def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int) -> int:

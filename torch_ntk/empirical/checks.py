@@ -1,7 +1,9 @@
 """Every user-input check of empirical_ntk, with the message that says what to do."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -117,14 +119,44 @@ def check_output(f: object, n: int, where: str) -> Tensor:
 def check_independent(f_batch: Tensor, f_single: Tensor, row: int) -> None:
     """Raises when row ``row`` of a batched forward differs from the same sample run alone."""
     scale = float(f_batch.abs().max()) + float(f_single.abs().max()) + 1e-30
-    tol = 1e3 * torch.finfo(f_batch.dtype).eps * max(1.0, math.sqrt(f_batch.shape[-1]))
-    if f_batch.is_cuda and f_batch.dtype == torch.float32:
-        tol = max(tol, 1e-2)  # TF32 matmuls/convolutions round batched and single runs apart
+    tol = rounding_tolerance(f_batch.dtype, f_batch.shape[-1])
     if float((f_batch[row] - f_single[0]).abs().max()) > tol * scale:
         raise ValueError(
             "empirical_ntk: the model's output for a sample depends on the other samples in the "
             "batch (e.g. batch statistics or attention across the batch), so the per-sample NTK "
             "is undefined. Make the forward pass act on each sample independently.")
+
+
+def check_deterministic(f_first: Tensor, f_again: Tensor) -> None:
+    """Raises when two forward passes on the same inputs disagree (a random forward)."""
+    scale = float(f_first.abs().max()) + 1e-30
+    tol = rounding_tolerance(f_first.dtype, f_first.shape[-1])
+    if float((f_first - f_again).abs().max()) > tol * scale:
+        raise ValueError(
+            "empirical_ntk: two forward passes on the same inputs gave different outputs, so "
+            "the model is random (e.g. dropout in training mode, or noise drawn in forward) and "
+            "its NTK is undefined. Call model.eval() or make the forward deterministic.")
+
+
+def rounding_tolerance(dtype: torch.dtype, width: int) -> float:
+    """Relative difference that rounding alone can cause between batched and single runs.
+
+    Batched and single-sample matmuls may take different kernels and summation orders; their
+    results differ by a few ulps times the square root of the reduction length. Checks run
+    with TF32 off (``exact_matmul``), so this holds on GPUs too.
+    """
+    return 1e3 * torch.finfo(dtype).eps * max(1.0, math.sqrt(width))
+
+
+@contextlib.contextmanager
+def exact_matmul() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and convolutions inside the block (checks compare values)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

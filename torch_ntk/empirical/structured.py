@@ -1,15 +1,16 @@
-"""method="structured": the layer-factorised NTK, never forming the Jacobian.
+"""method="structured": the layer-factorised NTK, never forming the Jacobian of the model.
 
-For an affine layer ``z = α W h + β b`` the gradient of output ``a`` w.r.t. W is
-``α δ_a hᵀ`` with ``δ_a = ∂f_a/∂z``, so the layer's share of the kernel is
-``(α² h·h' + β²) (δ_a·δ'_b)``: a Hadamard product of two Grams (see ``native.gram.gram_sum``).
-Forward hooks collect ``h`` and ``z``; one batched reverse pass gives ``δ`` for all K outputs.
+The kernel is a sum over parameters, so it splits into one share per layer. Forward hooks
+record every call of every layer (its inputs and outputs); one batched reverse pass of the
+model gives ``δ_a = ∂f_a/∂z`` for every output ``z`` of every call and all K model outputs at
+once; each layer's rule (``rules/``) turns its calls and δ into Gram factors or per-sample
+gradients, and the native Gram-sum op contracts them all (``native.gram.gram_sum``).
 
-Layers used at several positions per sample (Linear over a sequence ``(N, T, d)``, Conv
-patches, a layer called twice) contribute through their per-sample weight gradients
-``Σ_t α δ_t h_tᵀ``. Trainable parameters anywhere else (LayerNorm affine, Embedding, custom
-modules, weights shared between layers) get their exact share from the Jacobian of those
-parameters alone (``_jacobian``). The result is the exact NTK of the whole model.
+Parameters no rule can account for (shared between modules, or in modules whose calls don't
+keep one sample per batch row) get their exact share from the per-sample Jacobian of those
+parameters alone (``jacobian``). What this rests on is checked on every call by ``api``:
+samples don't interact and each layer keeps them on their rows (``check_rows``), and the
+factorised kernel equals autograd's on pairs of distinct samples (``verify``).
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from torch_ntk.empirical import checks, jacobian
-from torch_ntk.infinite.ntkmlp import NTKLinear
+from torch_ntk.empirical.rules import Call, Layer, rule_for
+from torch_ntk.empirical.rules.base import input_tensors, output_tensors
 from torch_ntk.native.gram import gram_sum
 
 
@@ -35,28 +37,6 @@ class Factors:
     c: list[float] = field(default_factory=list)
 
 
-@dataclass
-class _Layer:
-    """A factorisable layer and how its trainable parameters enter the kernel."""
-
-    name: str
-    module: nn.Module
-    weight: bool          # weight is trainable
-    bias: bool            # bias exists and is trainable
-    w_scale: float
-    b_scale: float
-    weight_param: Tensor | None = None  # the registered parameters the hooks expect
-    bias_param: Tensor | None = None
-    calls: int = 0        # forward calls per pass, learned from the probe
-    positions: int = 1    # positions per sample summed over calls (T)
-
-    @property
-    def per_position(self) -> bool:
-        """True when the layer needs per-sample gradients instead of a plain Gram."""
-        return (self.calls != 1 or self.positions != 1
-                or isinstance(self.module, (nn.Conv1d, nn.Conv2d)))
-
-
 class StructuredNTK:
     """Structured NTK engine for one model; ``plan`` must run before ``factors``."""
 
@@ -65,98 +45,101 @@ class StructuredNTK:
     def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
         self.model = model
         self.params = dict(params)
-        self.layers = _find_layers(model)
-        self.foreign: dict[str, Tensor] = {}
-        self._update_foreign()
+        self.layers: list[Layer] = []
+        self.foreign: dict[str, Tensor] = dict(self.params)
+        self.ambiguous = False      # the probe size met a non-batch axis of the same size
 
     @property
     def factorised(self) -> bool:
-        """True when at least one trainable parameter goes through the Gram path."""
+        """True when at least one layer's share is computed by its rule."""
         return bool(self.layers)
 
     def plan(self, x_probe: Tensor) -> Tensor:
         """Runs a hooked forward on a probe batch to learn how each layer is called.
 
-        Layers that are never called, called with other parameters (``functional_call``),
-        or whose calls don't keep the batch dimension first are handed to the Jacobian path.
+        A module with trainable parameters becomes a layer when every call keeps the batch on
+        one axis of each output (and of the inputs that have it) and uses the module's own
+        registered parameters. The batch axis is the one of size ``B = len(x_probe)``;
+        ``ambiguous`` is set when some tensor has two such axes (plan again with another B).
 
         Returns:
             Tensor[B, *out_shape]: the model output on ``x_probe`` (no graph).
         """
         b = x_probe.shape[0]
-        seen: dict[int, list[tuple]] = {id(l.module): [] for l in self.layers}
-
-        def record(layer: _Layer):
-            def hook(module, inputs, output):
-                own = module.weight is layer.weight_param and module.bias is layer.bias_param
-                seen[id(module)].append((inputs[0].shape, output.shape,
-                                         own and output.requires_grad))
-            return hook
-
-        with _hooks([(l.module, record(l)) for l in self.layers]), torch.enable_grad():
+        candidates = _candidates(self.model, self.params)
+        with _recording(candidates) as calls, torch.enable_grad():
             f = self.model(x_probe)
+        self.ambiguous = False
         kept = []
-        for layer in self.layers:
-            calls = seen[id(layer.module)]
-            if calls and all(ok and _batched_call(layer.module, s_in, s_out, b)
-                             for s_in, s_out, ok in calls):
-                layer.calls = len(calls)
-                layer.positions = sum(_positions(layer.module, s_out) for _, s_out, _ in calls)
+        for layer in candidates:
+            recorded = calls[id(layer.module)]
+            dims = [_batch_dims(c, b) for c in recorded]
+            if any(d == "ambiguous" for d in dims):
+                self.ambiguous = True
+                continue
+            if not recorded or any(d is None or not c.own for c, d in zip(recorded, dims)):
+                continue
+            for c, (in_dims, out_dims) in zip(recorded, dims):
+                c.in_dims, c.out_dims = in_dims, out_dims
+            if layer.rule.accepts(layer, recorded):
+                layer.calls = len(recorded)
+                layer.signature = [_signature(c) for c in recorded]
                 kept.append(layer)
-        self.layers = kept
-        self._update_foreign()
+        self._assign(kept)
+        self.probe_calls = {id(l.module): calls[id(l.module)] for l in self.layers}
         return f.detach() if isinstance(f, Tensor) else f
+
+    def drop(self, names: set[str]) -> None:
+        """Hands the named layers' parameters to the Jacobian path."""
+        self._assign([l for l in self.layers if l.name not in names])
+
+    def check_rows(self, x: Tensor, row: int) -> list[str]:
+        """Layers whose calls on ``x[row]`` alone differ from row ``row`` of the probe's calls.
+
+        Args:
+            x (Tensor[B, *in_shape]): the probe batch given to ``plan``.
+            row (int): the sample to run alone.
+        Returns:
+            list[str]: names of layers that don't keep samples on their batch rows.
+        """
+        with _recording(self.layers) as calls, torch.no_grad():
+            self.model(x[row:row + 1])
+        bad = []
+        for layer in self.layers:
+            alone, batched = calls[id(layer.module)], self.probe_calls[id(layer.module)]
+            if len(alone) != len(batched) or not all(
+                    _same_row(c1, c2, row) for c1, c2 in zip(alone, batched)):
+                bad.append(layer.name)
+        return bad
 
     def bytes_per_sample(self, k: int) -> int:
         """Approximate factor memory per input, to size default batches."""
         itemsize = next(iter(self.params.values())).element_size()
-        total = k * sum(p.numel() for p in self.foreign.values())
-        for layer in self.layers:
-            w = layer.module.weight
-            q, p = w.shape[0], w[0].numel()
-            if layer.per_position:
-                total += k * q * (p + 1) + layer.positions * (p + k * q)
-            else:
-                total += p + k * q
-        return total * itemsize
+        total = k * sum(p.numel() for p in self.foreign.values()) * itemsize
+        return int(total + sum(l.rule.cost(l, k)[1] for l in self.layers))
 
     def factors(self, x: Tensor) -> Factors:
         """Gram factors of a block of inputs x (Tensor[n, *in_shape])."""
         n = x.shape[0]
-        captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(l.module): [] for l in self.layers}
-
-        def capture(layer: _Layer):
-            def hook(module, inputs, output):
-                captured[id(module)].append((inputs[0].detach(), output))
-                return output.clone()  # later in-place ops must not rewrite the captured z
-            return hook
-
-        with _hooks([(l.module, capture(l)) for l in self.layers]), torch.enable_grad():
+        with _recording(self.layers, clone=True) as calls, torch.enable_grad():
             f = checks.check_output(self.model(x), n, "these inputs")
             for layer in self.layers:
-                if len(captured[id(layer.module)]) != layer.calls:
-                    raise ValueError(
-                        f"empirical_ntk: layer {layer.name!r} was called "
-                        f"{len(captured[id(layer.module)])} times on one batch but {layer.calls} "
-                        "times on another; the model's structure depends on its input. Use "
-                        "method='jacobian'.")
-            zs = [z for l in self.layers for _, z in captured[id(l.module)]]
+                _check_calls(layer, calls[id(layer.module)], n)
+            zs = [z for l in self.layers for c in calls[id(l.module)] for z in c.outputs]
             deltas = iter(_output_gradients(f, zs))
         out = Factors()
         pooled = []
         for layer in self.layers:
-            calls = [(h, next(deltas)) for h, _ in captured[id(layer.module)]]
-            if layer.per_position:
-                pooled.extend(_per_sample_gradients(layer, calls))
+            recorded = calls[id(layer.module)]
+            per_call = [[next(deltas) for _ in c.outputs] for c in recorded]
+            if layer.gram:
+                for h, d, c in layer.rule.gram_factors(layer, recorded[0], per_call[0]):
+                    out.h.append(h.detach())
+                    out.d.append(d.detach())
+                    out.c.append(c)
             else:
-                h, delta = calls[0]
-                if not layer.weight:
-                    h = h.new_empty(n, 0)
-                elif layer.w_scale != 1.0:
-                    h = h * layer.w_scale
-                out.h.append(h.contiguous())
-                out.d.append(delta.transpose(0, 1).contiguous())
-                out.c.append(layer.b_scale ** 2 if layer.bias else 0.0)
+                pooled.append(
+                    layer.rule.per_sample_gradients(layer, recorded, per_call).detach())
         if self.foreign:
             pooled.append(jacobian.per_sample_jacobian(self.model, self.foreign, x))
         if pooled:
@@ -168,37 +151,68 @@ class StructuredNTK:
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,
                  symmetric: bool = False) -> Tensor:
         """Writes the kernel block between two factor sets into ``out``."""
-        return gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out,
-                              symmetric=symmetric)
+        return gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out, symmetric=symmetric)
 
-    def verify(self, x: Tensor) -> float:
-        """Relative error of the structured ``Θ_aa(x, x)`` against plain autograd, for x[:1].
+    def verify(self, xs: Tensor, outputs: int = 3) -> float:
+        """Relative error of the structured ``Θ_aa(x_n, x_m)`` against plain autograd.
 
-        A parameter of a factorised layer that is also used outside that layer's forward
-        (e.g. a weight passed to ``F.linear`` elsewhere) breaks the factorisation; this
-        catches it on one sample and at most 16 outputs.
+        Compares every pair of the S samples ``xs`` (distinct ones: a parameter used outside
+        its layer for some samples, or a wrong factorisation, shows up off the diagonal) on
+        up to ``outputs`` outputs spread over the K. Autograd's side is accumulated in
+        float64 from gradients of ``f_a(x_n) + f_a(x_m)``, one reverse pass at a time, so no
+        Jacobian is held.
+
+        Args:
+            xs (Tensor[S, *in_shape]): a few distinct samples.
+        Returns:
+            float: max absolute difference over max absolute entry.
         """
-        x = x[:1]
-        factors = self.factors(x)
+        s = xs.shape[0]
+        factors = self.factors(xs)
         k = factors.d[0].shape[1] if factors.d else 1
         dtype = next(iter(self.params.values())).dtype
-        got = torch.empty(1, 1, k, dtype=dtype, device=x.device)
+        got = torch.empty(s, s, k, dtype=dtype, device=xs.device)
         self.contract(factors, factors, "diagonal", got)
+        picked = sorted({round(i * (k - 1) / max(outputs - 1, 1)) for i in range(min(k, outputs))})
         params = list(self.params.values())
+        want = torch.zeros(s, s, len(picked), dtype=torch.float64)
         with torch.enable_grad():
-            f = self.model(x).reshape(-1)
-            rows = min(k, 16)
-            want = torch.stack([sum((g.double() ** 2).sum() for g in torch.autograd.grad(
-                f[a], params, retain_graph=a < rows - 1, allow_unused=True,
-                materialize_grads=True)) for a in range(rows)])
-        got = got.reshape(-1)[:rows].double()
+            f = self.model(xs).reshape(s, -1)
+            pairs = [(n, m) for n in range(s) for m in range(n, s)]
+            norms = {}
+            for j, a in enumerate(picked):
+                for n, m in pairs:
+                    scalar = f[n, a] + f[m, a] if n != m else f[n, a]
+                    grads = torch.autograd.grad(scalar, params, retain_graph=True,
+                                                allow_unused=True, materialize_grads=True)
+                    norms[n, m, j] = sum(float(g.double().square().sum()) for g in grads)
+            for (n, m, j), v in norms.items():
+                value = v if n == m else (v - norms[n, n, j] - norms[m, m, j]) / 2
+                want[n, m, j] = want[m, n, j] = value
+        got = got[:, :, picked].double().cpu()
         return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
-    def _update_foreign(self) -> None:
-        """Trainable parameters outside the factorised layers."""
-        covered = {id(p) for layer in self.layers
-                   for p in (layer.module.weight, layer.module.bias) if p is not None}
-        self.foreign = {n: p for n, p in self.params.items() if id(p) not in covered}
+    def _assign(self, kept: list[Layer]) -> None:
+        """Decides which parameters each kept layer accounts for; the rest are foreign.
+
+        A layer of the catch-all rule also takes the parameters of descendants that are not
+        layers themselves (e.g. MultiheadAttention's ``out_proj``, parametrisation originals),
+        when no other module uses them.
+        """
+        owners = _owners(self.model)
+        full = {id(p): name for name, p in self.params.items()}
+        taken: set[int] = set()
+        for layer in kept:
+            taken.update(id(p) for p in layer.params.values())
+        for layer in sorted(kept, key=lambda l: -l.name.count(".") if l.name != "<root>" else 1):
+            if layer.rule.name != "local":
+                continue
+            for rel, p in layer.module.named_parameters():
+                if id(p) in full and id(p) not in taken and owners.get(id(p), 0) == 1:
+                    layer.params[rel] = p
+                    taken.add(id(p))
+        self.layers = kept
+        self.foreign = {n: p for n, p in self.params.items() if id(p) not in taken}
 
 
 def blocking_modules(model: nn.Module) -> list[str]:
@@ -212,67 +226,167 @@ def blocking_modules(model: nn.Module) -> list[str]:
 
 # Internal helpers
 
-def _find_layers(model: nn.Module) -> list[_Layer]:
-    """Factorisable layers with a trainable weight or bias; shared parameters excluded."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+class _Recorded(Call):
+    """A Call plus whether the module ran with its own registered parameters."""
+
+    own: bool = True
+
+
+def _candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Layer]:
+    """A Layer per module that owns trainable parameters (or is parametrised), each with its
+    own rule; parameters shared by several modules are left to the Jacobian path."""
+    trainable = {id(p) for p in params.values()}
+    owners = _owners(model)
     layers = []
     for name, module in model.named_modules():
-        scales = _affine_scales(module)
-        if scales is None:
-            continue
-        own = [p for p in (module.weight, module.bias) if p is not None]
-        if any(owners[id(p)] > 1 for p in own):
-            continue
-        weight = module.weight.requires_grad
-        bias = module.bias is not None and module.bias.requires_grad
-        if weight or bias:
-            layers.append(_Layer(name or "<root>", module, weight, bias, *scales,
-                                 weight_param=module.weight, bias_param=module.bias))
+        rule = rule_for(module)
+        own = {rel: p for rel, p in rule.own_params(module).items()
+               if id(p) in trainable and owners[id(p)] == 1}
+        if parametrize.is_parametrized(module):
+            own.update({rel: p for rel, p in module.named_parameters()
+                        if rel.startswith("parametrizations.") and id(p) in trainable
+                        and owners[id(p)] == 1})
+        if own:
+            layers.append(Layer(name or "<root>", module, rule, own))
     return layers
 
 
-def _affine_scales(module: nn.Module) -> tuple[float, float] | None:
-    """(α, β) when ``module`` computes ``α W h + β b`` in a form the hooks can factorise."""
-    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-        return 1.0, 1.0
-    if type(module).forward is NTKLinear.forward and isinstance(module, NTKLinear):
-        return module.weight_scale, module.bias_scale
-    for cls in (nn.Conv1d, nn.Conv2d):
-        if type(module).forward is cls.forward and isinstance(module, cls):
-            return (1.0, 1.0) if module.padding_mode == "zeros" else None
-    return None
-
-
-def _batched_call(module: nn.Module, s_in: torch.Size, s_out: torch.Size, b: int) -> bool:
-    """True when one call saw a batch-first input of ``b`` samples."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        ok_rank = len(s_in) == len(module.kernel_size) + 2
-    else:
-        ok_rank = len(s_in) >= 2
-    return ok_rank and s_in[0] == b and s_out[0] == b
-
-
-def _positions(module: nn.Module, s_out: torch.Size) -> int:
-    """Positions per sample at which the layer is applied (T)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return int(torch.Size(s_out[2:]).numel())
-    return int(torch.Size(s_out[1:-1]).numel())
+def _owners(model: nn.Module) -> dict[int, int]:
+    """How many modules register each parameter (tied weights: more than one)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    return owners
 
 
 @contextlib.contextmanager
-def _hooks(pairs) -> Iterator[None]:
-    """Registers forward hooks for the duration of the block; always removes them."""
+def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, list]]:
+    """Forward hooks recording each call of each layer's module; always removed.
+
+    With ``clone`` the hook returns clones of the outputs, so that in-place operations later in
+    the forward can't rewrite the recorded ``z``.
+    """
+    calls: dict[int, list[_Recorded]] = {id(l.module): [] for l in layers}
     handles = []
+
+    def hook_for(layer: Layer):
+        registered = {rel: layer.module.get_parameter(rel) for rel in layer.params}
+
+        def hook(module, args, kwargs, output):
+            outs = output_tensors(output)
+            own = all(_current(module, rel) is p for rel, p in registered.items())
+            call = _Recorded(tuple(a.detach() if isinstance(a, Tensor) else a for a in args),
+                             {k: v.detach() if isinstance(v, Tensor) else v
+                              for k, v in kwargs.items()},
+                             outs if outs is not None else [])
+            call.own = own and outs is not None and len(outs) > 0
+            calls[id(module)].append(call)
+            if clone and outs:
+                if isinstance(output, Tensor):
+                    return output.clone()
+                return type(output)(o.clone() if isinstance(o, Tensor) else o for o in output)
+            return None
+        return hook
+
     try:
-        for module, hook in pairs:
-            handles.append(module.register_forward_hook(hook))
-        yield
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(hook_for(layer), with_kwargs=True))
+        yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _current(module: nn.Module, rel: str) -> Tensor | None:
+    """The parameter registered under ``rel`` right now (functional_call swaps them)."""
+    *path, leaf = rel.split(".")
+    for part in path:
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module._parameters.get(leaf)
+
+
+def _batch_dims(call: Call, b: int):
+    """(in_dims, out_dims) of a probe call: the axis of size B of each tensor, None for an
+    input without one; None when an output has none, "ambiguous" when a tensor has two."""
+    in_dims = []
+    for t in input_tensors(call.args, call.kwargs):
+        axes = [i for i, s in enumerate(t.shape) if s == b]
+        if len(axes) > 1:
+            return "ambiguous"
+        in_dims.append(axes[0] if axes else None)
+    out_dims = []
+    for t in call.outputs:
+        axes = [i for i, s in enumerate(t.shape) if s == b]
+        if len(axes) > 1:
+            return "ambiguous"
+        if not axes:
+            return None
+        out_dims.append(axes[0])
+    if all(d is None for d in in_dims):
+        return None
+    return in_dims, out_dims
+
+
+def _signature(call: Call) -> tuple:
+    """Shapes of the call's tensors with the batch axis removed (None: not batched)."""
+    def strip(t, d):
+        return (tuple(t.shape), None) if d is None else (
+            tuple(s for i, s in enumerate(t.shape) if i != d), d)
+    return (tuple(strip(t, d) for t, d in zip(call.inputs(), call.in_dims)),
+            tuple(strip(t, d) for t, d in zip(call.outputs, call.out_dims)))
+
+
+def _check_calls(layer: Layer, calls: list[_Recorded], n: int) -> None:
+    """Every block must call the layer as the probe did, with n samples on the batch axes."""
+    if len(calls) != layer.calls:
+        raise ValueError(
+            f"empirical_ntk: layer {layer.name!r} was called {len(calls)} times on one batch but "
+            f"{layer.calls} times on another; the model's structure depends on its input. Use "
+            "method='jacobian'.")
+    for call, sig in zip(calls, layer.signature):
+        (ins, outs) = sig
+        call.in_dims = [d for _, d in ins]
+        call.out_dims = [d for _, d in outs]
+        ok = call.own and len(call.inputs()) == len(ins) and len(call.outputs) == len(outs)
+        ok = ok and all(_fits(t, shape, d, n) for t, (shape, d) in zip(call.inputs(), ins))
+        ok = ok and all(_fits(t, shape, d, n) for t, (shape, d) in zip(call.outputs, outs))
+        if not ok:
+            raise ValueError(
+                f"empirical_ntk: layer {layer.name!r} was called with other shapes on a block "
+                f"of {n} inputs than on the probe; the model's structure depends on its input "
+                "or batch size. Use method='jacobian'.")
+
+
+def _fits(t: Tensor, shape: tuple, d: int | None, n: int) -> bool:
+    if d is None:
+        return tuple(t.shape) == shape
+    return (t.dim() == len(shape) + 1 and t.shape[d] == n
+            and tuple(s for i, s in enumerate(t.shape) if i != d) == shape)
+
+
+def _same_row(alone: Call, batched: Call, row: int) -> bool:
+    """True when a single-sample call equals row ``row`` of the batched call (to rounding)."""
+    pairs = list(zip(alone.outputs, batched.outputs, batched.out_dims))
+    pairs += [(a, b, d) for a, b, d in zip(alone.inputs(), batched.inputs(), batched.in_dims)
+              if d is not None and a.is_floating_point()]
+    if len(alone.outputs) != len(batched.outputs):
+        return False
+    for a, b, d in pairs:
+        a, ref = a.detach(), b.detach().narrow(d, row, 1)
+        if a.shape != ref.shape:
+            return False
+        if a.is_floating_point():
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            tol = checks.rounding_tolerance(a.dtype, a.shape[-1] if a.dim() else 1)
+            if float((a - ref).abs().max()) > tol * max(scale, 1e-30):
+                return False
+        elif not torch.equal(a, ref):
+            return False
+    return True
 
 
 def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:
@@ -280,75 +394,22 @@ def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:
     if not zs:
         return []
     n, k = f.shape
+    if not f.requires_grad:  # the output doesn't depend on any parameter
+        return [z.new_zeros((k,) + z.shape) for z in zs]
     eye = torch.eye(k, dtype=f.dtype, device=f.device)
     seeds = eye[:, None, :].expand(k, n, k)
-    try:
-        grads = torch.autograd.grad(f, zs, seeds, is_grads_batched=True, allow_unused=True,
-                                    materialize_grads=True)
-    except RuntimeError:  # some backward formulas lack a batching rule: one pass per output
-        per_output = [torch.autograd.grad(f, zs, seeds[a], retain_graph=True,
-                                          allow_unused=True, materialize_grads=True)
-                      for a in range(k)]
-        grads = [torch.stack(g) for g in zip(*per_output)]
-    return [g.detach() for g in grads]
-
-
-def _per_sample_gradients(layer: _Layer, calls: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-    """Per-sample gradients of the layer's trainable parameters, each Tensor[n, K, size]."""
-    module = layer.module
-    g_w, g_b = None, None
-    for h, delta in calls:
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            patches, delta = _conv_patches(module, h, delta)
-            groups = module.groups
-            k, n, q, t = delta.shape
-            d_g = delta.reshape(k, n, groups, q // groups, t)
-            p_g = patches.reshape(n, groups, -1, t)
-            w = torch.einsum("angot,ngpt->nagop", d_g, p_g) if layer.weight else None
-            b = delta.sum(3).transpose(0, 1) if layer.bias else None
-        else:
-            k, n, q = delta.shape[0], delta.shape[1], delta.shape[-1]
-            d_t = delta.reshape(k, n, -1, q)
-            h_t = h.reshape(n, -1, h.shape[-1])
-            w = torch.einsum("antq,ntp->naqp", d_t, h_t) if layer.weight else None
-            b = d_t.sum(2).transpose(0, 1) if layer.bias else None
-        g_w = w if g_w is None or w is None else g_w + w
-        g_b = b if g_b is None or b is None else g_b + b
-    n, k = calls[0][1].shape[1], calls[0][1].shape[0]
-    out = []
-    if layer.weight:
-        out.append(g_w.reshape(n, k, -1) * layer.w_scale)
-    if layer.bias:
-        out.append(g_b.reshape(n, k, -1) * layer.b_scale)
-    return out
-
-
-def _conv_patches(module: nn.Module, h: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """Unfolded input patches (n, C_in·kernel, T) and δ as (K, n, C_out, T) for a conv call."""
-    k, n, c_out = delta.shape[0], delta.shape[1], delta.shape[2]
-    if isinstance(module, nn.Conv1d):
-        h = h.unsqueeze(2)
-        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
-        pads = _explicit_padding(module, h.shape[3:])
-        h = F.pad(h, pads)
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        h = F.pad(h, _explicit_padding(module, h.shape[2:]))
-    patches = F.unfold(h, kernel, dilation=dilation, stride=stride)
-    return patches, delta.reshape(k, n, c_out, -1)
-
-
-def _explicit_padding(module: nn.Module, spatial: torch.Size) -> list[int]:
-    """F.pad amounts (last dimension first) equal to the module's padding."""
-    pads: list[int] = []
-    dims = len(module.kernel_size)
-    for i in reversed(range(dims)):
-        if module.padding == "valid":
-            lo = hi = 0
-        elif module.padding == "same":
-            total = module.dilation[i] * (module.kernel_size[i] - 1)
-            lo, hi = total // 2, total - total // 2
-        else:
-            lo = hi = module.padding[i]
-        pads += [lo, hi]
-    return pads
+    live = [i for i, z in enumerate(zs) if z.requires_grad]
+    grads: list = [None] * len(zs)
+    if live:
+        try:
+            got = torch.autograd.grad(f, [zs[i] for i in live], seeds, is_grads_batched=True,
+                                      allow_unused=True)
+        except RuntimeError:  # some backward formulas lack a batching rule: one pass per output
+            per_output = [torch.autograd.grad(f, [zs[i] for i in live], seeds[a],
+                                              retain_graph=True, allow_unused=True)
+                          for a in range(k)]
+            got = [None if g[0] is None else torch.stack(g) for g in zip(*per_output)]
+        for i, g in zip(live, got):  # None: z doesn't reach f (zeros below)
+            grads[i] = None if g is None else g.detach()
+    return [g if g is not None else z.new_zeros((k,) + z.shape).detach()
+            for g, z in zip(grads, zs)]

@@ -1,0 +1,122 @@
+"""What a layer rule is: how one family of modules enters the structured kernel.
+
+A *layer* is a module together with the trainable parameters it is responsible for. During a
+hooked forward every call of the module is recorded as a ``Call``: its inputs, its outputs and
+the axis of each that holds the batch. ``δ = ∂f_a/∂z`` for every output ``z`` of every call comes
+from one batched reverse pass of the whole model. A rule turns calls and δ into the layer's
+share of the kernel, in one of two forms the Gram-sum op contracts:
+
+- Gram factors ``(h Tensor[n, p], d Tensor[n, K, q], c)``, the share being
+  ``(h·h' + c) (d_a·d'_b)`` (an affine layer called once per sample);
+- per-sample gradients ``Tensor[n, K, P_l]`` (anything else), the share being their inner
+  product over ``P_l``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Call:
+    """One recorded call of a layer's module.
+
+    Attributes:
+        args (tuple), kwargs (dict): what the module was called with (tensors detached).
+        outputs (list of Tensor): the tensor outputs, in the order the module returns them.
+        in_dims (list of int or None): batch axis of each tensor in ``tensors(args, kwargs)``
+            (None: the tensor is shared by all samples, e.g. a mask).
+        out_dims (list of int): batch axis of each output.
+    """
+
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor]
+    in_dims: list[int | None] = field(default_factory=list)
+    out_dims: list[int] = field(default_factory=list)
+
+    def inputs(self) -> list[Tensor]:
+        """The tensor inputs, positional first, in a fixed order."""
+        return input_tensors(self.args, self.kwargs)
+
+
+@dataclass
+class Layer:
+    """A module and the trainable parameters whose share of the kernel its rule computes."""
+
+    name: str
+    module: nn.Module
+    rule: "Rule"
+    params: dict[str, Tensor]       # names relative to ``module`` -> parameter
+    calls: int = 0                  # calls per forward, learned from the probe
+    signature: list[Any] = field(default_factory=list)  # per call: shapes without the batch axis
+    state: dict[str, Any] = field(default_factory=dict)  # what the rule learned at planning
+
+    @property
+    def gram(self) -> bool:
+        """True when the layer contributes Gram factors rather than per-sample gradients."""
+        return self.rule.uses_gram(self)
+
+
+class Rule:
+    """How a family of modules enters the kernel. Subclasses override the hooks below."""
+
+    name = "rule"
+
+    def matches(self, module: nn.Module) -> bool:
+        """True when this rule handles ``module`` (checked in registry order)."""
+        raise NotImplementedError
+
+    def own_params(self, module: nn.Module) -> dict[str, Tensor]:
+        """Trainable parameters the rule computes for ``module`` (names relative to it)."""
+        return {name: p for name, p in module.named_parameters(recurse=False)
+                if p.requires_grad}
+
+    def accepts(self, layer: Layer, calls: list[Call]) -> bool:
+        """Whether the probe calls fit the rule (e.g. batch on the expected axis)."""
+        return True
+
+    def uses_gram(self, layer: Layer) -> bool:
+        return False
+
+    def gram_factors(self, layer: Layer, call: Call, delta: list[Tensor]
+                     ) -> list[tuple[Tensor, Tensor, float]]:
+        """Gram entries ``(h [n, p], d [n, K, q], c)`` of a layer with ``uses_gram``."""
+        raise NotImplementedError
+
+    def per_sample_gradients(self, layer: Layer, calls: list[Call],
+                             deltas: list[list[Tensor]]) -> Tensor:
+        """Tensor[n, K, P_l]: ``∂f_a(x_n)/∂θ`` over ``layer.params``, summed over the calls."""
+        raise NotImplementedError
+
+    def cost(self, layer: Layer, k: int) -> tuple[float, float]:
+        """(multiply-adds per pair of samples for the full kernel, bytes per sample)."""
+        size = sum(p.numel() for p in layer.params.values())
+        return float(k * k * size), float(k * size * _itemsize(layer))
+
+
+def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """Tensors among the positional and keyword arguments (not nested), in a fixed order."""
+    found = [a for a in args if isinstance(a, Tensor)]
+    found += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], Tensor)]
+    return found
+
+
+def output_tensors(output: Any) -> list[Tensor] | None:
+    """The tensors a module returned (a Tensor, or a tuple/list of Tensors and Nones)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)) and all(o is None or isinstance(o, Tensor)
+                                                 for o in output):
+        return [o for o in output if o is not None]
+    return None
+
+
+# Internal helpers
+
+def _itemsize(layer: Layer) -> int:
+    p = next(iter(layer.params.values()), None)
+    return p.element_size() if p is not None else torch.get_default_dtype().itemsize

@@ -1,0 +1,92 @@
+"""``nn.Linear`` and ``torch_ntk.NTKLinear``: ``z = α W h + β b``.
+
+Called once per sample on an ``(N, p)`` input, the layer's share is the Gram product
+``(α² h·h' + β²) (δ_a·δ'_b)``: ``p + K² q`` multiply-adds per pair of samples and no
+per-sample gradient. Over extra axes (a sequence ``(N, T, p)``, batch on any axis) or called
+several times, it contributes the per-sample gradients ``Σ_t α δ_t h_tᵀ`` and ``Σ_t β δ_t``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from torch_ntk.empirical.rules.base import Call, Layer, Rule
+from torch_ntk.infinite.ntkmlp import NTKLinear
+
+
+class LinearRule(Rule):
+    name = "linear"
+
+    def matches(self, module: nn.Module) -> bool:
+        plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        ntk = isinstance(module, NTKLinear) and type(module).forward is NTKLinear.forward
+        return ((plain or ntk) and "weight" in module._parameters
+                and not parametrize.is_parametrized(module)
+                and not module._forward_pre_hooks and not module._forward_hooks)
+
+    def accepts(self, layer: Layer, calls: list[Call]) -> bool:
+        for call in calls:
+            if len(call.inputs()) != 1 or len(call.outputs) != 1:
+                return False
+            h, bd = call.inputs()[0], call.in_dims[0]
+            if bd is None or bd == h.dim() - 1 or call.out_dims[0] != bd:
+                return False
+        layer.state["positions"] = sum(
+            math.prod(s for i, s in enumerate(c.inputs()[0].shape[:-1]) if i != c.in_dims[0])
+            for c in calls)
+        layer.state["batch_first_2d"] = all(c.in_dims[0] == 0 and c.inputs()[0].dim() == 2
+                                            for c in calls)
+        return True
+
+    def uses_gram(self, layer: Layer) -> bool:
+        return layer.calls == 1 and layer.state.get("batch_first_2d", False)
+
+    def gram_factors(self, layer: Layer, call: Call, delta: list[Tensor]
+                     ) -> list[tuple[Tensor, Tensor, float]]:
+        alpha, beta = _scales(layer.module)
+        h = call.inputs()[0]
+        if "weight" not in layer.params:
+            h = h.new_empty(h.shape[0], 0)
+        elif alpha != 1.0:
+            h = h * alpha
+        c = beta ** 2 if "bias" in layer.params else 0.0
+        return [(h.contiguous(), delta[0].transpose(0, 1).contiguous(), c)]
+
+    def per_sample_gradients(self, layer: Layer, calls: list[Call],
+                             deltas: list[list[Tensor]]) -> Tensor:
+        alpha, beta = _scales(layer.module)
+        g_w = g_b = None
+        for call, delta in zip(calls, deltas):
+            bd = call.in_dims[0]
+            h = call.inputs()[0].movedim(bd, 0)
+            d = delta[0].movedim(bd + 1, 1)                     # (K, n, ..., q)
+            n, k, q = h.shape[0], d.shape[0], d.shape[-1]
+            h_t, d_t = h.reshape(n, -1, h.shape[-1]), d.reshape(k, n, -1, q)
+            if "weight" in layer.params:
+                w = torch.einsum("antq,ntp->naqp", d_t, h_t).reshape(n, k, -1) * alpha
+                g_w = w if g_w is None else g_w + w
+            if "bias" in layer.params:
+                b = d_t.sum(2).transpose(0, 1) * beta
+                g_b = b if g_b is None else g_b + b
+        return torch.cat([g for g in (g_w, g_b) if g is not None], dim=2)
+
+    def cost(self, layer: Layer, k: int) -> tuple[float, float]:
+        w = layer.module.weight
+        q, p = w.shape
+        item = w.element_size()
+        if self.uses_gram(layer):
+            return float(p + k * k * q), float((p + k * q) * item)
+        size = sum(t.numel() for t in layer.params.values())
+        positions = layer.state.get("positions", 1)
+        return float(k * k * size), float((k * size + positions * (p + k * q)) * item)
+
+
+# Internal helpers
+
+def _scales(module: nn.Module) -> tuple[float, float]:
+    if isinstance(module, NTKLinear):
+        return module.weight_scale, module.bias_scale
+    return 1.0, 1.0

@@ -1,6 +1,7 @@
 """empirical_ntk(): validate, choose a method, tile over batch_size, fill ``out``."""
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
@@ -91,7 +92,8 @@ class KernelPlan:
     def __init__(self, model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                  mode: str = "full", method: str = "auto",
                  batch_size: int | None = None) -> None:
-        checks.check_options(mode, method, batch_size)
+        batch_size = checks.check_options(mode, method, batch_size)
+        model = _original_module(model)
         self.params = checks.check_model(model)
         checks.check_inputs(x1, x2, next(iter(self.params.values())))
         self.model, self.x1, self.x2 = model, x1, x2
@@ -102,8 +104,9 @@ class KernelPlan:
     def __enter__(self) -> "KernelPlan":
         self._state = _ModelState(self.model)
         try:
-            self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
-                                                 self.method)
+            with _no_autocast():
+                self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
+                                                     self.method)
             x2 = self.x1 if self.x2 is None else self.x2
             n1, n2 = self.x1.shape[0], x2.shape[0]
             self.shape = _modes.kernel_shape(n1, n2, self.k, self.mode)
@@ -146,7 +149,8 @@ class KernelPlan:
 
     def _row_factors(self, i: int):
         if getattr(self, "_row", (None, None))[0] != i:
-            self._row = (i, self.engine.factors(self.x1[self.rows[i]]))
+            with _no_autocast():
+                self._row = (i, self.engine.factors(self.x1[self.rows[i]]))
         return self._row[1]
 
 
@@ -220,6 +224,23 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
     return engine, f_probe.shape[1]
 
 
+def _original_module(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d model wraps (its parameters are the same objects)."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
+@contextlib.contextmanager
+def _no_autocast():
+    """Autocast off: the kernel is the model's in its parameters' dtype, computed exactly."""
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
 def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
     """Up to 3 samples from x1 and x2 (first, last, middle), with two distinct at least.
 
@@ -278,7 +299,8 @@ class _FactorCache:
     def get(self, j: int):
         if j in self.kept:
             return self.kept[j]
-        factors = self.engine.factors(self.x[self.blocks[j]])
+        with _no_autocast():
+            factors = self.engine.factors(self.x[self.blocks[j]])
         size = _nbytes(factors)
         if self.bytes + size <= self.budget:
             self.kept[j] = factors

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Iterator
 
 import torch
@@ -17,16 +18,18 @@ _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDro
                nn.FeatureAlphaDropout)
 
 
-def check_options(mode: str, method: str, batch_size: int | None) -> None:
-    """Validates the keyword options of empirical_ntk."""
+def check_options(mode: str, method: str, batch_size: int | None) -> int | None:
+    """Validates the keyword options of empirical_ntk; returns batch_size as an int."""
     if mode not in MODES:
         raise ValueError(f"empirical_ntk: mode must be one of {MODES}, got {mode!r}.")
     if method not in METHODS:
         raise ValueError(f"empirical_ntk: method must be one of {METHODS}, got {method!r}.")
     if batch_size is not None and (isinstance(batch_size, bool)
-                                   or not isinstance(batch_size, int) or batch_size < 1):
+                                   or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
         raise ValueError(
             f"empirical_ntk: batch_size must be a positive int or None, got {batch_size!r}.")
+    return None if batch_size is None else int(batch_size)
 
 
 def check_model(model: nn.Module) -> dict[str, Tensor]:
@@ -46,6 +49,11 @@ def check_model(model: nn.Module) -> dict[str, Tensor]:
             f"dtypes {sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}. "
             "Call model.to(device, dtype) first.")
     dtype = next(iter(dtypes))
+    if next(iter(devices)).type == "meta":
+        raise ValueError(
+            "empirical_ntk: the model's parameters are meta tensors, which have no values to "
+            "differentiate at. Materialise them first (e.g. model.to_empty(device='cpu') and "
+            "load a state dict).")
     if not dtype.is_floating_point:
         raise ValueError(f"empirical_ntk: trainable parameters must be floating point, got {dtype}.")
     for name, module in model.named_modules():
@@ -70,6 +78,14 @@ def check_inputs(x1: Tensor, x2: Tensor | None, param: Tensor) -> None:
             continue
         if not isinstance(x, Tensor):
             raise TypeError(f"empirical_ntk: {name} must be a torch.Tensor, got {type(x).__name__}.")
+        if x.is_complex():
+            raise ValueError(
+                f"empirical_ntk: {name} is complex ({x.dtype}); the NTK here is defined for real "
+                "inputs and outputs. Pass the real and imaginary parts as real features.")
+        if x.device.type == "meta":
+            raise ValueError(
+                f"empirical_ntk: {name} is a meta tensor, which has no values to differentiate "
+                "at. Pass inputs with data (e.g. on 'cpu' or 'cuda').")
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(
                 f"empirical_ntk: {name} must have a non-empty batch dimension first, got shape "

@@ -6,11 +6,14 @@ so callers tile the inputs.
 
 Models that ``torch.func.vmap`` cannot run (e.g. ``nn.RNN``/``nn.GRU``/``nn.LSTM``, whose
 kernels have no batching rule, or forwards that call ``.item()``) get the same Jacobian from
-plain autograd, one sample at a time. Which path a model takes is decided on its first block
-(``PerSampleJacobian.vmap``) and kept for the following ones.
+plain autograd, one reverse pass per sample and output. Which path a model takes is decided on
+its first block (``PerSampleJacobian.vmap``) and kept for the following ones; a model that vmap
+could not run is remembered (weakly, by identity), so later calls go straight to autograd.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Mapping
 
 import torch
@@ -18,6 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from torch_ntk.empirical import checks
+
+_SEEDS = 32  # reverse passes batched together by the autograd path (samples per chunk × K)
 
 
 class JacobianNTK:
@@ -54,12 +59,14 @@ class PerSampleJacobian:
     """Per-sample Jacobians of one model w.r.t. a fixed set of its parameters.
 
     The first block tries ``vmap(jacrev)``. When torch.func cannot run the model there, the
-    block is recomputed by plain autograd (a forward per sample, reverse passes for its K
-    outputs); only if that succeeds is the model marked as not vmappable, so an error of the
-    model itself (bad input shape, non-finite output) is raised as it would be without vmap.
+    block is recomputed by plain autograd (a batched forward per chunk of samples, one reverse
+    pass per sample and output, batched); only if that succeeds is the model marked as not
+    vmappable, so an error of the model itself (bad input shape, non-finite output) is raised
+    as it would be without vmap.
 
     Attributes:
-        vmap (bool or None): the path chosen, ``None`` until the first block.
+        vmap (bool or None): the path chosen, ``None`` until the first block (``False`` from
+            the start for a model vmap has already failed on).
         vmap_error (str or None): why vmap could not run the model, when it could not.
     """
 
@@ -67,9 +74,11 @@ class PerSampleJacobian:
         self.model = model
         self.params = dict(params)
         self.slots = _distinct_slots(model, self.params)
-        self.vmap: bool | None = None
-        self.vmap_error: str | None = None
+        with _NOT_VMAPPABLE_GUARD:
+            self.vmap_error: str | None = _NOT_VMAPPABLE.get(model)
+        self.vmap: bool | None = None if self.vmap_error is None else False
         self._batched_grads: bool | None = None  # is_grads_batched works on this model
+        self._k: int | None = None  # outputs per sample, once seen
 
     def __call__(self, x: Tensor) -> Tensor:
         """Jacobian of the flattened per-sample output w.r.t. the parameters.
@@ -81,7 +90,7 @@ class PerSampleJacobian:
         """
         if self.vmap is None:
             return self._decide(x)
-        return self._vmapped(x) if self.vmap else self._looped(x)
+        return self._vmapped(x) if self.vmap else self._autograd(x)
 
     def _decide(self, x: Tensor) -> Tensor:
         try:
@@ -89,8 +98,10 @@ class PerSampleJacobian:
         except torch.OutOfMemoryError:
             raise  # not a limitation of vmap: the caller should use smaller blocks
         except Exception as exc:  # noqa: BLE001 - the autograd path re-raises real errors
-            jac = self._looped(x)
+            jac = self._autograd(x)
             self.vmap, self.vmap_error = False, f"{type(exc).__name__}: {exc}"
+            with _NOT_VMAPPABLE_GUARD:
+                _NOT_VMAPPABLE[self.model] = self.vmap_error
             return jac
         self.vmap = True
         return self._assemble(*raw, x.shape[0])
@@ -117,45 +128,60 @@ class PerSampleJacobian:
         k = f.shape[1]
         return torch.cat([jac[name].reshape(n, k, -1) for name in self.params], dim=2)
 
-    def _looped(self, x: Tensor) -> Tensor:
-        """Plain autograd, one sample at a time: Tensor[n, K, P]."""
-        return torch.stack([self._sample_jacobian(x[i:i + 1]) for i in range(x.shape[0])])
+    def _autograd(self, x: Tensor) -> Tensor:
+        """Plain autograd over chunks of samples: Tensor[n, K, P].
 
-    def _sample_jacobian(self, xi: Tensor) -> Tensor:
-        """Tensor[K, P] of one input xi (Tensor[1, *in_shape])."""
+        The first chunk is one sample (it tells K); later ones hold ``_SEEDS // K`` samples.
+        """
+        chunks, start = [], 0
+        while start < x.shape[0]:
+            size = max(1, _SEEDS // self._k) if self._k else 1
+            chunks.append(self._chunk_jacobian(x[start:start + size]))
+            start += size
+        return torch.cat(chunks)
+
+    def _chunk_jacobian(self, xc: Tensor) -> Tensor:
+        """Tensor[m, K, P] of a chunk xc (Tensor[m, *in_shape]) from one batched forward.
+
+        Samples don't interact (empirical_ntk checks it), so the gradient of output ``a`` of
+        sample ``i`` in the batched forward is that sample's own: one reverse pass per pair
+        ``(i, a)``, seeded with a one-hot ``(m, K)`` tensor.
+        """
+        m = xc.shape[0]
         tensors = list(self.params.values())
         with torch.enable_grad():
-            f = checks.check_output(self.model(xi), 1, "these inputs").reshape(-1)
+            f = checks.check_output(self.model(xc), m, "these inputs")
+            self._k = k = f.shape[1]
             if not f.requires_grad:  # the output doesn't depend on these parameters
-                return f.new_zeros(f.shape[0], sum(p.numel() for p in tensors))
-            grads = self._output_gradients(f, tensors)
-        return torch.cat([g.reshape(f.shape[0], -1) for g in grads], dim=1).detach()
+                return f.new_zeros(m, k, sum(p.numel() for p in tensors))
+            seeds = torch.eye(m * k, dtype=f.dtype, device=f.device).reshape(m * k, m, k)
+            grads = self._seeded_gradients(f, tensors, seeds)
+        return torch.cat([g.reshape(m, k, -1) for g in grads], dim=2).detach()
 
-    def _output_gradients(self, f: Tensor, tensors: list[Tensor]) -> list[Tensor]:
-        """∂f_a/∂θ for every output a, as Tensor[K, *θ.shape] per parameter."""
-        k = f.shape[0]
-        eye = torch.eye(k, dtype=f.dtype, device=f.device)
+    def _seeded_gradients(self, f: Tensor, tensors: list[Tensor],
+                          seeds: Tensor) -> list[Tensor]:
+        """Σ seed·∂f/∂θ for every seed (Tensor[S, *f.shape]), as Tensor[S, *θ.shape] per θ."""
         grad = dict(allow_unused=True, materialize_grads=True)
         if self._batched_grads is not False:
             try:
-                grads = torch.autograd.grad(f, tensors, eye, is_grads_batched=True,
+                grads = torch.autograd.grad(f, tensors, seeds, is_grads_batched=True,
                                             retain_graph=self._batched_grads is None, **grad)
                 self._batched_grads = True
                 return list(grads)
             except RuntimeError:
                 if self._batched_grads:
                     raise
-        per_output = [torch.autograd.grad(f, tensors, eye[a], retain_graph=a < k - 1, **grad)
-                      for a in range(k)]
+        last = seeds.shape[0] - 1
+        per_seed = [torch.autograd.grad(f, tensors, seed, retain_graph=s < last, **grad)
+                    for s, seed in enumerate(seeds)]
         self._batched_grads = False  # some backward formula lacks a batching rule
-        return [torch.stack(g) for g in zip(*per_output)]
+        return [torch.stack(g) for g in zip(*per_seed)]
 
 
 def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """Jacobian of the flattened per-sample output w.r.t. ``params``, for one block.
 
-    Callers that process several blocks should keep one ``PerSampleJacobian`` instead, so
-    that the vmap-or-autograd decision is taken once.
+    A model found not to run under vmap is remembered, so later blocks use autograd directly.
 
     Args:
         model (nn.Module): the network; parameters not in ``params`` are held fixed.
@@ -181,6 +207,11 @@ def contract_jacobians(j1: Tensor, j2: Tensor, mode: str) -> Tensor:
 
 
 # Internal helpers
+
+# Models torch.func.vmap could not run (and plain autograd could), with vmap's error.
+_NOT_VMAPPABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_NOT_VMAPPABLE_GUARD = threading.Lock()
+
 
 def _distinct_slots(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, str]:
     """Maps one name per registration slot of each parameter in ``params`` to its key there.

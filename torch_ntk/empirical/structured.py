@@ -183,6 +183,9 @@ class StructuredNTK:
             for j, a in enumerate(picked):
                 for n, m in pairs:
                     scalar = f[n, a] + f[m, a] if n != m else f[n, a]
+                    if not scalar.requires_grad:  # an output that no parameter reaches
+                        norms[n, m, j] = 0.0
+                        continue
                     grads = torch.autograd.grad(scalar, params, retain_graph=True,
                                                 allow_unused=True, materialize_grads=True)
                     norms[n, m, j] = sum(float(g.double().square().sum()) for g in grads)

@@ -6,6 +6,7 @@
 - CUDA: the pure-torch composition (cuBLAS) while its temporaries (about three outputs) fit in
   an eighth of the device's memory, since it is 2-3× faster than the native kernel on an H200;
   the native kernel beyond that, where the composition would run out of memory.
+- float16/bfloat16 kernels: the composition (the native kernels take float32 and float64).
 - Pure torch everywhere when ``torch_ntk._C`` did not load, or ``TORCH_NTK_DISABLE_NATIVE=1``
   was set when torch_ntk was imported (read once; ``native_disabled()`` switches it off in a
   running process, e.g. to compare the two paths).
@@ -29,6 +30,7 @@ calls: collections.Counter = collections.Counter()  # (backend, device type) -> 
 _disabled = os.environ.get("TORCH_NTK_DISABLE_NATIVE") == "1"
 _TORCH_TEMPORARIES = 3     # outputs' worth of memory the composition allocates per layer
 _CUDA_MEMORY_SHARE = 8     # the composition may use 1/8 of the device's memory
+_NATIVE_DTYPES = (torch.float32, torch.float64)  # half precision runs the composition
 
 
 def native_available(device_type: str) -> bool:
@@ -41,7 +43,7 @@ def native_available(device_type: str) -> bool:
 def backend(out: torch.Tensor) -> str:
     """``"native"`` or ``"torch"`` for a Gram sum written into ``out`` (see the module doc)."""
     device = out.device
-    if not native_available(device.type):
+    if not native_available(device.type) or out.dtype not in _NATIVE_DTYPES:
         return "torch"
     if device.type == "cuda":
         need = _TORCH_TEMPORARIES * out.numel() * out.element_size()

@@ -25,7 +25,7 @@ class LinearRule(Rule):
         ntk = isinstance(module, NTKLinear) and type(module).forward is NTKLinear.forward
         return ((plain or ntk) and "weight" in module._parameters
                 and not parametrize.is_parametrized(module)
-                and not module._forward_pre_hooks and not module._forward_hooks)
+                and not _has_hooks(module))
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:
         for call in calls:
@@ -85,6 +85,13 @@ class LinearRule(Rule):
 
 
 # Internal helpers
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks may change what the layer computes: then the catch-all rule handles it."""
+    from torch.nn.modules import module as base
+    return bool(module._forward_pre_hooks or module._forward_hooks
+                or base._global_forward_pre_hooks or base._global_forward_hooks)
+
 
 def _scales(module: nn.Module) -> tuple[float, float]:
     if isinstance(module, NTKLinear):

@@ -1,0 +1,276 @@
+"""Hostile models and arguments: an exact result or a clear ValueError/TypeError, never a wrong
+number, an internal error or a damaged model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import torch_ntk
+from conftest import assert_close
+
+F64 = torch.float64
+
+
+def _exact(model, x1, x2=None, methods=("auto", "structured"), modes=("full",), **kw):
+    for mode in modes:
+        ref = torch_ntk.empirical_ntk(model, x1, x2, mode=mode, method="jacobian")
+        for method in methods:
+            got = torch_ntk.empirical_ntk(model, x1, x2, mode=mode, method=method, **kw)
+            assert_close(got, ref, F64, f"{method} {mode}")
+
+
+class Flipped(nn.Module):
+    """Reverses the batch around its first layer: row n of that layer belongs to sample N-1-n."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.flip(0))).flip(0))
+
+
+class Bucketed(nn.Module):
+    """Sorts samples by their first feature, applies a layer, and unsorts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        order = x[:, 0].argsort()
+        h = torch.tanh(self.a(x[order]))
+        return self.b(h[order.argsort()])
+
+
+@pytest.mark.parametrize("cls", [Flipped, Bucketed])
+def test_batch_reordered_around_a_layer(cls):
+    model = cls().double()
+    x1, x2 = torch.randn(6, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    _exact(model, x1, x2, methods=("auto",))
+    with pytest.raises(ValueError, match=r"can't use layer\(s\) a: .*batch row"):
+        torch_ntk.empirical_ntk(model, x1, x2, method="structured")
+
+
+class SometimesShared(nn.Module):
+    """The head's weight also enters through F.linear, for samples with x[0] > 0 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        extra = nn.functional.linear(h * h, self.head.weight) * (x[:, :1] > 0)
+        return self.head(h) + extra
+
+
+def test_weight_used_elsewhere_for_some_samples_only():
+    model = SometimesShared().double()
+    x1 = torch.randn(6, 3, dtype=F64)
+    x1[0, 0] = -1.0                       # the first sample is not affected
+    x1[-1, 0] = 1.0
+    _exact(model, x1, methods=("auto",))
+    with pytest.raises(ValueError, match="does not reproduce the model's own gradients"):
+        torch_ntk.empirical_ntk(model, x1, method="structured")
+
+
+class Centered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h - h.mean(0)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
+def test_interaction_is_caught_with_one_row(method):
+    model = Centered().double()
+    x = torch.randn(1, 3, dtype=F64)
+    with pytest.raises(ValueError, match="depends on the other samples"):
+        torch_ntk.empirical_ntk(model, x, method=method)
+    with pytest.raises(ValueError, match="depends on the other samples"):
+        torch_ntk.empirical_ntk(model, x.expand(4, 3).clone(), method=method)
+
+
+def test_random_forward_is_named_as_such():
+    class Noisy(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + torch.randn(x.shape[0], self.out_features,
+                                                    dtype=x.dtype)
+
+    with pytest.raises(ValueError, match="model is random"):
+        torch_ntk.empirical_ntk(Noisy(3, 2).double(), torch.randn(5, 3, dtype=F64))
+
+
+def test_out_behaves_like_an_in_place_output():
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=F64)
+    out = torch.zeros(4, 4, dtype=F64)
+    w = torch.ones(4, 4, dtype=F64, requires_grad=True)
+    loss = (w * out).sum()                # saves out for the backward
+    torch_ntk.empirical_ntk(model, x, mode="trace", out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="out requires grad"):
+        torch_ntk.empirical_ntk(model, x, mode="trace",
+                                out=torch.zeros(4, 4, dtype=F64, requires_grad=True))
+    with pytest.raises(ValueError, match="overlapping memory"):
+        torch_ntk.empirical_ntk(model, x, mode="trace", out=torch.zeros(4, 1, dtype=F64)
+                                .expand(4, 4))
+    big = torch.zeros(4, 4, dtype=F64)
+    with pytest.raises(ValueError, match="shares memory with x1"):
+        torch_ntk.empirical_ntk(nn.Linear(4, 1).double(), big, mode="trace", out=big)
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n = self.n + 1               # reassigns the buffer
+        return self.lin(x)
+
+
+def test_reassigned_buffer_is_restored():
+    model = Counter().double()
+    buffer = model.n
+    torch_ntk.empirical_ntk(model, torch.randn(3, 3, dtype=F64))
+    assert model.n is buffer and float(model.n) == 0.0
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_parametrized_layers_are_exact(wrap):
+    torch.manual_seed(0)
+    inner = nn.Linear(4, 4)
+    inner = getattr(parametrizations, wrap)(inner)
+    model = nn.Sequential(inner, nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    _exact(model, torch.randn(5, 4, dtype=F64), torch.randn(3, 4, dtype=F64))
+
+
+class SequenceFirst(nn.Module):
+    """A Linear applied to (T, N, d) with T equal to the probe sizes' first candidate."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):                  # x: (N, T * 3)
+        h = self.a(x.reshape(x.shape[0], self.t, 3).transpose(0, 1))   # (T, N, 4)
+        return self.b(torch.tanh(h).mean(0))
+
+
+@pytest.mark.parametrize("t", [1, 5, 7])
+def test_linear_over_any_axis_length(t):
+    model = SequenceFirst(t).double()
+    _exact(model, torch.randn(5, 3 * t, dtype=F64), torch.randn(2, 3 * t, dtype=F64))
+    seq = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    _exact(seq, torch.randn(4, t, 3, dtype=F64))  # (N, T, d) batch-first, T = 1 too
+
+
+class Unused(nn.Module):
+    """A keyword call, a layer whose output never reaches f, and a detached branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.dead, self.cut, self.b = (nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3),
+                                               nn.Linear(3, 2))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(input=x))
+        self.dead(h)
+        return self.b(h) + self.cut(h).detach()[:, :2]
+
+
+def test_keyword_calls_unused_and_detached_layers():
+    _exact(Unused().double(), torch.randn(5, 3, dtype=F64), modes=("full", "trace"))
+
+
+def test_constant_output_has_a_zero_kernel():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x).detach() * 0 + 1
+
+    for method in ("auto", "structured", "jacobian"):
+        k = torch_ntk.empirical_ntk(Constant().double(), torch.randn(3, 3, dtype=F64),
+                                    method=method)
+        assert k.shape == (3, 3, 2, 2) and not k.any()
+
+
+def test_user_hook_that_rescales_a_layer_is_exact():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    handle = model[0].register_forward_hook(lambda m, i, o: 3.0 * o)
+    try:
+        _exact(model, torch.randn(5, 3, dtype=F64))
+    finally:
+        handle.remove()
+
+
+def test_compiled_model_uses_its_original_module():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, dtype=F64)
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    assert_close(torch_ntk.empirical_ntk(compiled, x), ref, F64, "compiled")
+
+
+def test_autocast_is_off_inside_the_call():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=F64)
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch_ntk.empirical_ntk(model, x)
+    assert_close(got, ref, F64, "under autocast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(5, 3)
+    ref = torch_ntk.empirical_ntk(model.double(), x.double())
+    got = torch_ntk.empirical_ntk(model.to(dtype), x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), ref, rtol=5e-2, atol=5e-2 * float(ref.abs().max()))
+
+
+def test_bad_inputs_are_named():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="x1 is complex"):
+        torch_ntk.empirical_ntk(model, torch.randn(3, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="meta tensor"):
+        torch_ntk.empirical_ntk(model, torch.empty(3, 3, device="meta"))
+    with pytest.raises(ValueError, match="meta tensors"):
+        torch_ntk.empirical_ntk(nn.Linear(3, 2, device="meta"), torch.empty(3, 3))
+    import numpy as np
+    k = torch_ntk.empirical_ntk(model.double(), torch.randn(5, 3, dtype=F64),
+                                batch_size=np.int64(2))
+    assert k.shape == (5, 5, 2, 2)
+
+
+def test_batch_size_bounds_the_factor_cache(monkeypatch):
+    from torch_ntk.empirical import api
+    sizes = []
+    real = api._FactorCache.__init__
+
+    def spy(self, engine, x, blocks, budget):
+        sizes.append(budget)
+        real(self, engine, x, blocks, budget)
+
+    monkeypatch.setattr(api._FactorCache, "__init__", spy)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 2)).double()
+    torch_ntk.empirical_ntk(model, torch.randn(9, 3, dtype=F64), torch.randn(40, 3, dtype=F64),
+                            batch_size=2)
+    per_sample = (3 + 2 * 64 + 64 + 2 * 2) * 8
+    assert sizes and sizes[-1] <= 4 * 2 * per_sample + 1

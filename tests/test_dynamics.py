@@ -96,3 +96,74 @@ def test_demo_rejects_bad_options(tmp_path):
     args = parser.parse_args(["--quick", "--depth", "1", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--depth must be an integer >= 2"):
         cli.run_demo(args)
+
+
+def test_circle_limit_bands_are_the_ensembles_gaussian_percentiles(tmp_path):
+    """The demo's bands: mean ± z·sd of the exact ensemble, close to Monte Carlo over GP draws."""
+    cfg = dict(circle_points=8, depth=3, activation="relu", w_std=1.0, b_std=0.1, lr=0.5,
+               steps=20)
+    data = circle.limit_data(cfg)
+    n, nngp, ntk = data["n_train"], data["nngp"], data["ntk"]
+    pct = data["percentiles_circle"]
+    assert set(pct) == {10.0, 50.0, 90.0}
+    torch.testing.assert_close(pct[50.0], data["mean_circle"], rtol=0, atol=1e-15)
+    gen = torch.Generator().manual_seed(0)
+    samples = 20000
+    chol = torch.linalg.cholesky(nngp + 1e-12 * torch.eye(nngp.shape[0], dtype=F64))
+    f0 = chol @ torch.randn(nngp.shape[0], samples, generator=gen, dtype=F64)
+    y = data["y_train"].expand(n, samples)
+    # One output column per draw; the loss is normalised by y.numel(), hence lr · samples.
+    fn = torch_ntk.predict.gradient_descent_mse(ntk[:n, :n], y, learning_rate=0.5 * samples)
+    draws = fn(20.0, f0[:n], f0[n:], ntk[n:, :n])[1]  # (G, samples)
+    sd = data["sd_circle"]
+    torch.testing.assert_close(draws.std(1), sd, rtol=0.05, atol=1e-6)
+    for p, band in pct.items():
+        mc = torch.quantile(draws, p / 100, dim=1)
+        assert bool(((mc - band).abs() <= 0.06 * sd + 1e-9).all()), p
+
+
+def test_pca_fit_rate_recovers_an_exponential():
+    from torch_ntk.apps.demo import pca
+    t = torch.arange(11, dtype=F64)
+    assert math.isclose(pca.fit_rate(-3.0 * torch.exp(-0.07 * t)), 0.07, rel_tol=1e-12)
+    assert math.isnan(pca.fit_rate(torch.tensor([1.0, 0.0, -1.0], dtype=F64)))
+
+
+def test_demo_pca_quick_run(tmp_path, capsys):
+    parser = cli.add_demo_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--experiment", "pca", "--quick", "--pca-points", "48",
+                              "--widths", "512", "--steps", "8", "--device", "cpu",
+                              "--no-progress", "--out", str(tmp_path / "pca")])
+    results = cli.run_demo(args)
+    assert "predicted rate along v2" in capsys.readouterr().out
+    with open(tmp_path / "pca" / "results.json") as f:
+        saved = json.load(f)
+    assert saved["config"]["points"] == 48 and saved["config"]["experiment"] == "pca"
+    lam = saved["eigenvalues"]
+    assert len(lam) == 10 and all(a >= b > 0 for a, b in zip(lam, lam[1:]))
+    pred = saved["predicted_rate_per_step"]
+    lr = saved["config"]["lr"]
+    assert math.isclose(pred, -math.log1p(-lr * lam[1] / 48), rel_tol=1e-12)
+    (row,) = saved["per_width"]
+    assert row["width"] == 512 and 0.5 * pred < row["rate_mean"] < 1.5 * pred
+    (run,) = saved["runs"]
+    assert len(run["component"]) == 9 and run["loss_T"] < run["loss_0"]
+    assert results["per_width"][0]["rate_mean"] == row["rate_mean"]
+    assert len(saved["plots"]) == 2
+    for path in saved["plots"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_all_runs_both_experiments(tmp_path):
+    parser = cli.add_demo_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--experiment", "all", "--quick", "--widths", "16", "--steps",
+                              "3", "--seeds", "1", "--circle-points", "4", "--pca-points", "24",
+                              "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    results = cli.run_demo(args)
+    assert set(results) == {"circle", "pca"}
+    assert (tmp_path / "circle" / "results.json").exists()
+    assert (tmp_path / "pca" / "results.json").exists()
+    with pytest.raises(ValueError, match="--pca-points must lie in"):
+        cli.run_demo(parser.parse_args(["--experiment", "pca", "--quick", "--pca-points", "5000",
+                                        "--out", str(tmp_path / "bad")]))

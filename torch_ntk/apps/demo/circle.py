@@ -17,6 +17,7 @@ Only the public torch_ntk API is used here, as a user would (plus the training l
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import platform
 from typing import Any, Callable, Sequence
@@ -28,7 +29,7 @@ from torch import Tensor
 import torch_ntk
 from torch_ntk.apps.machine import describe_machine
 from torch_ntk.dynamics.training import train_mse
-from torch_ntk.predict import gradient_descent_mse
+from torch_ntk.predict import gradient_descent_mse, gradient_descent_mse_ensemble
 
 # Training set of the demo: 4 points on the circle and their targets (as in the paper's Fig. 2).
 TRAIN_GAMMA = (-2.5, -1.0, 0.5, 2.0)
@@ -76,15 +77,17 @@ def limit_data(cfg: dict[str, Any]) -> dict[str, Any]:
     k_tt, k_ct = ntk[:n, :n], ntk[n:, :n]
     predict_fn = gradient_descent_mse(k_tt, y_train, learning_rate=cfg["lr"])
 
-    # The limit's distribution at time T: f0 ~ GP(0, Σ) (NNGP), then kernel gradient descent.
-    gen = torch.Generator().manual_seed(12345)
-    jitter = 1e-10 * float(torch.diagonal(nngp).mean())
-    chol = torch.linalg.cholesky(nngp + jitter * torch.eye(nngp.shape[0], dtype=f64))
-    f0 = chol @ torch.randn(nngp.shape[0], 2000, generator=gen, dtype=f64)  # (n + g, 2000)
-    f0 = f0.T.unsqueeze(-1)  # (2000, n + g, 1)
-    limit_circle = torch.stack([predict_fn(float(cfg["steps"]), a[:n], a[n:], k_ct)[1]
-                                for a in f0])[..., 0]  # (2000, g)
-    mean_circle = predict_fn(float(cfg["steps"]), 0.0, 0.0, k_ct)[1][:, 0]
+    # The limit's distribution at time T: f0 ~ GP(0, Σ) (NNGP), then kernel gradient descent
+    # with Θ∞. It is Gaussian, with the exact mean and covariance of the infinite ensemble;
+    # its percentiles are mean + z_p · sd with z_p the standard normal quantile.
+    kernel_fn = functools.partial(torch_ntk.analytic_ntk, **kw)
+    ensemble = gradient_descent_mse_ensemble(kernel_fn, x_train, y_train, learning_rate=cfg["lr"])
+    limit_t = ensemble(float(cfg["steps"]), x_circle, "ntk", compute_cov=True)
+    mean_circle = limit_t.mean[:, 0]
+    sd_circle = limit_t.covariance.diagonal().clamp_min(0.0).sqrt()
+    percentiles = {
+        p: mean_circle + float(torch.special.ndtri(torch.tensor(p / 100, dtype=f64))) * sd_circle
+        for p in PERCENTILES}
 
     # Floor set by comparing discrete steps with continuous time: exact discrete-time kernel
     # gradient descent on the circle vs the continuous-time prediction, from f0 = 0.
@@ -97,7 +100,8 @@ def limit_data(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "gamma": gamma, "gamma_train": gamma_train, "x_circle": x_circle, "x_train": x_train,
         "y_train": y_train, "x_all": x_all, "ntk": ntk, "nngp": nngp, "n_train": n,
-        "predict_fn": predict_fn, "limit_circle": limit_circle, "mean_circle": mean_circle,
+        "predict_fn": predict_fn, "percentiles_circle": percentiles, "sd_circle": sd_circle,
+        "mean_circle": mean_circle,
         "discretization_floor": floor, "x0_index": g // 2,
     }
 
@@ -173,8 +177,8 @@ def summarise(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict]) -> di
             .tolist(),
             "kernel_gd_mean_T": data["mean_circle"].tolist(),
             "kernel_gd_percentiles_T": {
-                str(p): np.percentile(data["limit_circle"].numpy(), p, axis=0).tolist()
-                for p in PERCENTILES},
+                str(p): v.tolist() for p, v in data["percentiles_circle"].items()},
+            "kernel_gd_sd_T": data["sd_circle"].tolist(),
             "discretization_floor": data["discretization_floor"],
         },
         "runs": runs,

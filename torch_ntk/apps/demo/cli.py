@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from torch_ntk.apps.demo import circle, plots, report
+from torch_ntk.apps.demo import circle, pca, plots, report
 
 # Defaults per kind of run: widths, seeds, circle points, steps, learning rate. All train for
 # the same time lr · steps = 50 (10 for --quick); smaller steps on a GPU lower the floor set
@@ -64,6 +64,19 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="tiny run (widths 16 and 64, 2 seeds, 20 steps, a few seconds) "
                              "to check the set-up; explicit options still override it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--experiment", choices=["circle", "pca", "all"], default="circle",
+        help="circle: the NTK's convergence and kernel gradient descent on the unit circle; "
+             "pca: kernel principal components of handwritten digits and the rate of training "
+             "along the 2nd one (Jacot et al. Fig. 3); all: both, in subfolders circle/ and "
+             "pca/ of --out (default: circle)")
+    pc, pg, pq = pca.SIZES["cpu"], pca.SIZES["cuda"], pca.SIZES["quick"]
+    parser.add_argument(
+        "--pca-points", type=int, default=None, metavar="N",
+        help=f"pca: number of digits (default: {pc['points']}, {pq['points']} with --quick); "
+             f"its widths default to {_fmt(pc['widths'])} on CPU, {_fmt(pg['widths'])} on a "
+             f"GPU, its steps to {pc['steps']}, its seeds to {pc['seeds']} on CPU and "
+             f"{pg['seeds']} on a GPU, its lr to {pca.STEP_FRACTION} · N / λ1")
     return parser
 
 
@@ -87,6 +100,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         ValueError: an option out of range (the message names it).
         RuntimeError: ``--device cuda`` without a usable GPU.
     """
+    experiment = getattr(args, "experiment", "circle") or "circle"
+    if experiment == "pca":
+        return _run_pca(args)
+    if experiment == "all":
+        out = getattr(args, "out", None) or os.path.join(
+            "ntk_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        return {"circle": _run_circle(_with(args, out=os.path.join(out, "circle"))),
+                "pca": _run_pca(_with(args, out=os.path.join(out, "pca")))}
+    if experiment != "circle":
+        raise ValueError(f"demo: --experiment must be circle, pca or all, got {experiment!r}.")
+    return _run_circle(args)
+
+
+def _run_circle(args: argparse.Namespace) -> dict[str, Any]:
+    """The circle experiments (see run_demo)."""
     require_extras("matplotlib", "tqdm")
     start = time.perf_counter()
     cfg = _resolve_config(args)
@@ -128,6 +156,59 @@ def require_extras(*modules: str) -> None:
 
 
 # Internal helpers
+
+
+def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _run_pca(args: argparse.Namespace) -> dict[str, Any]:
+    """The pca experiment: kernel PCA of digits and training along the 2nd component."""
+    require_extras("matplotlib", "tqdm", "sklearn")
+    start = time.perf_counter()
+    cfg = _resolve_pca_config(args)
+    os.makedirs(cfg["out"], exist_ok=True)
+    data = pca.kernel_pca(cfg)
+    cost = {w: w * w + 1000 * w for w in cfg["widths"]}
+    bar = _progress(sum(cost.values()) * cfg["seeds"] * cfg["steps"], cfg["no_progress"])
+    runs = []
+    try:
+        for width in cfg["widths"]:
+            for seed in range(cfg["seeds"]):
+                bar.set_description(f"pca: width {width} seed {seed}")
+                runs.append(pca.run_width(width, seed, cfg, data,
+                                          lambda s, l, c=cost[width]: bar.update(c)))
+    finally:
+        bar.close()
+    results = pca.summarise(cfg, data, runs)
+    results["plots"] = plots.plot_pca(cfg, data, results)
+    results["wall_time_s"] = time.perf_counter() - start
+    with open(os.path.join(cfg["out"], "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(pca.format_summary(results))
+    print(f"\nwrote {os.path.join(cfg['out'], 'results.json')} and "
+          f"{len(results['plots'])} plots in {results['wall_time_s']:.1f} s")
+    return results
+
+
+def _resolve_pca_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared options of _resolve_config, with the pca experiment's own sizes."""
+    base = _resolve_config(args)
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    sizes = pca.SIZES["quick" if base["quick"] else
+                      ("cuda" if base["device"].startswith("cuda") else "cpu")]
+    cfg = {key: base[key] for key in ("depth", "b_std", "dtype", "device", "quick", "out",
+                                      "no_progress")}
+    cfg.update({
+        "widths": sorted(set(get("widths") or sizes["widths"])),
+        "seeds": get("seeds") or sizes["seeds"],
+        "steps": get("steps") or sizes["steps"],
+        "lr": get("lr"),
+        "points": get("pca_points") or sizes["points"],
+    })
+    if not isinstance(cfg["points"], int) or cfg["points"] < 2:
+        raise ValueError(f"demo: --pca-points must be an integer >= 2, got {cfg['points']!r}.")
+    return cfg
 
 
 def _fmt(value: Any) -> str:

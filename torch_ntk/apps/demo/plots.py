@@ -82,6 +82,45 @@ def plot_all(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict],
     return paths
 
 
+def plot_pca(cfg: dict[str, Any], data: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """The pca experiment's two figures (after Jacot et al. 2018, Fig. 3); returns their paths."""
+    from matplotlib.figure import Figure  # Agg canvas, no global backend switch
+
+    paths = []
+    # 3a. Digits in the coordinates of the 2nd and 3rd kernel principal components.
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
+    coords, labels = data["coords"].numpy(), data["labels"].numpy()
+    points = ax.scatter(coords[:, 1], coords[:, 2], c=labels, cmap="tab10", s=12, vmin=-0.5,
+                        vmax=9.5)
+    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
+    ax.set(xlabel="2nd component √λ2 · v2", ylabel="3rd component √λ3 · v3",
+           title=f"Kernel PCA of {len(labels)} digits, depth {cfg['depth']} ReLU Θ∞")
+    paths.append(_save(fig, cfg["out"], "pca_components.png"))
+
+    # 3b. Component of f_t - f* along v2 against exp(-r t).
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    steps = np.arange(cfg["steps"] + 1)
+    colors = ("tab:orange", "tab:green", "tab:purple", "tab:blue", "tab:red", "tab:brown",
+              "tab:pink")
+    for i, width in enumerate(cfg["widths"]):
+        for j, r in enumerate(x for x in results["runs"] if x["width"] == width):
+            comp = np.asarray(r["component"])
+            ax.plot(steps, np.abs(comp / comp[0]), color=colors[i % len(colors)], lw=1,
+                    alpha=0.8, label=f"width {width}: rate {r['rate']:.4f}" if j == 0 else None)
+    rate = results["predicted_rate_per_step"]
+    ax.plot(steps, np.exp(-rate * steps), color="black", lw=2, ls="--",
+            label=f"exp(−r t), r = −log(1 − lr·λ2/N) = {rate:.4f}")
+    ax.set_yscale("log")
+    ax.set(xlabel="gradient-descent step t", ylabel="|v2ᵀ(f_t − f*)| / |v2ᵀ(f_0 − f*)|",
+           title="Training along the 2nd kernel principal component")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, cfg["out"], "pca_rate.png"))
+    return paths
+
+
 def _loglog_panel(ax, cfg, runs, results, metric: str) -> None:
     widths = cfg["widths"]
     for r in runs:

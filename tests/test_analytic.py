@@ -323,6 +323,8 @@ def test_ntkmlp_structure_and_seed():
     (dict(depth=2, quadrature_degree=1), ValueError, "quadrature_degree"),
     (dict(depth=2, batch_size=0), ValueError, "batch_size"),
     (dict(depth=2, activation=lambda v: v.sum(-1)), TypeError, "elementwise"),
+    (dict(depth=2, activation=lambda v: torch.softmax(v, -1)), ValueError, "mixes entries"),
+    (dict(depth=2, activation=lambda v: torch.cumsum(v, -1)), ValueError, "mixes entries"),
     (dict(depth=2, activation=lambda v: torch.exp(v ** 3)), ValueError, "not finite"),
 ])
 def test_bad_arguments(kwargs, exc, match):

@@ -189,12 +189,35 @@ def resolve_activation(activation: ActivationLike, *, caller: str = "analytic_nt
                 f"torch.nn.functional.silu.")
         return activation, ACTIVATIONS[activation]
     if callable(activation):
+        _check_elementwise(activation, caller)
         return None, activation
     raise TypeError(f"{caller}: activation must be a name in {tuple(ACTIVATIONS)} or a callable "
                     f"Tensor -> Tensor, got {type(activation).__name__}.")
 
 
 # Internal helpers
+
+def _check_elementwise(fn: Callable[[Tensor], Tensor], caller: str) -> None:
+    """Raises unless ``fn`` maps each entry on its own (softmax, cumsum, ... don't)."""
+    z = torch.linspace(-2.0, 2.0, 7, dtype=torch.float64).reshape(1, 7)
+    try:
+        whole = fn(z)
+        alone = [fn(z[:, i:i + 1]) for i in range(z.shape[1])]
+    except Exception as exc:  # the user's callable: any failure is reported as such
+        raise TypeError(f"{caller}: the activation callable failed on a float64 tensor of "
+                        f"shape (1, 7): {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(whole, Tensor) and whole.shape == z.shape
+            and all(isinstance(a, Tensor) and a.shape == (1, 1) for a in alone)):
+        raise TypeError(f"{caller}: the activation must act elementwise and keep the shape "
+                        f"(Tensor -> Tensor of the same shape); on shape (1, 7) it returned "
+                        f"{getattr(whole, 'shape', type(whole).__name__)}.")
+    if not torch.allclose(whole, torch.cat(alone, dim=1), rtol=1e-10, atol=1e-12):
+        raise ValueError(
+            f"{caller}: the activation must act elementwise (each output entry a function of "
+            "the same input entry alone, shape kept), like torch.tanh or "
+            "torch.nn.functional.silu; got a callable that mixes entries (e.g. softmax or "
+            "cumsum).")
+
 
 def _check_get(get) -> Tuple[str, ...]:
     fields = (get,) if isinstance(get, str) else get

@@ -108,7 +108,9 @@ setup(
     install_requires=["torch", "numpy"],
     extras_require={
         "demo": ["matplotlib", "tqdm", "scikit-learn", "scipy"],
-        "test": ["pytest", "scipy", "hypothesis", "matplotlib", "tqdm", "scikit-learn"],
+        "test": ["pytest", "scipy", "hypothesis", "matplotlib", "tqdm", "scikit-learn",
+                 "torchdiffeq"],
+        "ode": ["torchdiffeq"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -396,7 +396,8 @@ def test_gp_inference_matches_explicit_formulas():
     reg = 1e-3
     out = gp_inference(train, y, diag_reg=reg)(None, test, nngp[te, te])
     assert out._fields == ("nngp", "ntk")
-    inv = lambda k: torch.linalg.inv(k + reg * k.diagonal().mean() * torch.eye(n, dtype=F64))  # noqa: E731,E501
+    eye = torch.eye(n, dtype=F64)
+    inv = lambda k: torch.linalg.inv(k + reg * k.diagonal().mean() * eye)  # noqa: E731
     k_inv, t_inv = inv(kern(nngp, tr, tr)), inv(kern(ntk, tr, tr))
     torch.testing.assert_close(out.nngp.mean, nngp[te, tr] @ k_inv @ y, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(out.nngp.covariance,

@@ -8,7 +8,9 @@ training outputs by ``-lr / N · Θ (f - y)``, so the component ``a_t = v_iᵀ (
 follows
 
     a_{t+1} = (1 - lr · λ_i / N) · a_t,   i.e. a_t = a_0 · exp(-r t),
-    r = -log(1 - lr · λ_i / N) per step (→ lr · λ_i / N, the continuous-time rate, as lr → 0).
+    r = -log(1 - lr · λ_i / N) per step
+
+(→ lr · λ_i / N, the continuous-time rate, as lr → 0).
 
 The experiment takes N digits of scikit-learn's bundled 8×8 digits (no download), centres
 them (minus the mean image of the whole set) and scales each to norm ``sqrt(64)`` so that

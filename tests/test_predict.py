@@ -482,7 +482,7 @@ def test_gp_inference_errors(case, exc, match):
         gp_inference(train, y, diag_reg=reg)(*args)
 
 
-def _kernel_fn(x_all, n):
+def _kernel_fn():
     """kernel_fn(x1, x2, get) of the network of _joint_nngp_ntk."""
     def kernel_fn(x1, x2, get):
         return torch_ntk.analytic_ntk(x1, x2, depth=3, b_std=0.1, get=get)
@@ -494,7 +494,7 @@ def test_ensemble_mean_is_kernel_gd_and_t_inf_is_gp_inference():
     x, nngp, ntk = _joint_nngp_ntk(n, m, 8)
     xtr, xte = x[:n], x[n:]
     y = torch.randn(n, 2, dtype=F64)
-    fn = gradient_descent_mse_ensemble(_kernel_fn(x, n), xtr, y, learning_rate=0.5)
+    fn = gradient_descent_mse_ensemble(_kernel_fn(), xtr, y, learning_rate=0.5)
     t = torch.tensor([0.0, 3.0, 40.0])
     mean = fn(t, xte, "ntk")
     want = gradient_descent_mse(ntk[:n, :n], y, learning_rate=0.5)(t, None, 0.0, ntk[n:, :n])
@@ -534,7 +534,7 @@ def test_ensemble_covariance_matches_monte_carlo_over_gp_samples(g, on_train):
     k_lin = gradient_descent_mse(kern[:n, :n], y.expand(n, samples), learning_rate=lr * samples)
     f_train, f_test = k_lin(t, f0[:, :n].T, f0[:, n:].T, kern[n:, :n])
     draws = (f_train if on_train else f_test).T  # (S, M)
-    fn = gradient_descent_mse_ensemble(_kernel_fn(x, n), x[:n], y, learning_rate=lr)
+    fn = gradient_descent_mse_ensemble(_kernel_fn(), x[:n], y, learning_rate=lr)
     out = fn(t, None if on_train else x[n:], g, compute_cov=True)
     mc_mean = draws.mean(0)
     centred = draws - mc_mean
@@ -560,7 +560,7 @@ def test_ensemble_covariance_matches_monte_carlo_over_gp_samples(g, on_train):
 def test_ensemble_errors(case, exc, match):
     x = torch.randn(5, 3, dtype=F64)
     y = torch.randn(5, 1, dtype=F64)
-    kf, kwargs = _kernel_fn(x, 5), {}
+    kf, kwargs = _kernel_fn(), {}
     call = dict(t=1.0, x_test=None, get=None)
     if case == "kernel_fn":
         kf = "relu"

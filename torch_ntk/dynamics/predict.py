@@ -1,4 +1,8 @@
-"""Closed-form training dynamics of gradient descent on the MSE loss, given a kernel.
+"""Training dynamics of gradient descent given a kernel, and Gaussian-process inference.
+
+``gradient_descent_mse`` (closed form, below), ``gradient_descent`` (any loss, numerical ODE
+integration), ``gp_inference`` (NNGP posterior and NTK ensemble at t = ∞) and
+``gradient_descent_mse_ensemble`` (the infinite ensemble's mean and covariance at any t).
 
 For a model trained by continuous-time gradient descent on
 ``L = ||f(X) - Y||² / (2 · Y.numel())`` with learning rate ``lr``, the outputs on

@@ -155,3 +155,13 @@ def test_pure_torch_fallback_matches_reference(name):
                                               batch_size=3)
                 assert route.calls["native", "cpu"] == before, "the native op ran"
             assert_close(got, ref, torch.float64, f"pure-torch structured on {name}, {mode}")
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_auto_stays_structured_on_the_zoo(name):
+    """A wrong structured kernel makes auto fall back to the Jacobian silently: catch that."""
+    from torch_ntk.empirical.api import KernelPlan
+    model, x1, x2 = make(name, torch.float64, 5, 3)
+    with KernelPlan(model, x1, x2) as plan:
+        assert plan.engine.name == "structured", f"auto fell back to {plan.engine.name} on {name}"
+        assert not plan.engine.foreign, f"{name}: {sorted(plan.engine.foreign)} left to the Jacobian"

@@ -97,6 +97,13 @@ def test_dropout_in_training_mode():
         torch_ntk.empirical_ntk(model, torch.randn(5, 3))
 
 
+def test_dropout_with_zero_probability_in_training_mode_is_accepted():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), nn.Linear(4, 1)).double().train()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    torch.testing.assert_close(torch_ntk.empirical_ntk(model, x), ref)
+
+
 class _BatchMixer(nn.Module):
     """Samples interact through the batch mean: not an NTK."""
 

@@ -92,3 +92,26 @@ def test_errors():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         torch_ntk.linearize(frozen)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.a(x), {"b": torch.tanh(self.b(x))}
+
+
+def test_tuple_and_dict_outputs_move_with_theta():
+    model = TwoHeads().double()
+    lin = torch_ntk.linearize(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    (a0, d0) = lin(x)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(0.1)
+    (a1, d1) = lin(x)
+    assert not torch.allclose(a0, a1) and not torch.allclose(d0["b"], d1["b"])
+    (a0.sum() + d0["b"].sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lin.parameters())

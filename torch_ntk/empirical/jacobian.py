@@ -160,7 +160,7 @@ class PerSampleJacobian:
 
     def _seeded_gradients(self, f: Tensor, tensors: list[Tensor],
                           seeds: Tensor) -> list[Tensor]:
-        """Σ seed·∂f/∂θ for every seed (Tensor[S, *f.shape]), as Tensor[S, *θ.shape] per θ."""
+        """Σ seed·∂f/∂θ for each seed (Tensor[S, *f.shape]): Tensor[S, *θ.shape] per θ."""
         grad = dict(allow_unused=True, materialize_grads=True)
         if self._batched_grads is not False:
             try:
@@ -197,7 +197,8 @@ def contract_jacobians(j1: Tensor, j2: Tensor, mode: str) -> Tensor:
     """NTK block from two Jacobian blocks J1 (N1, K, P), J2 (N2, K, P).
 
     Returns:
-        Tensor: ``"full"`` -> [N1, N2, K, K], ``"trace"`` -> [N1, N2], ``"diagonal"`` -> [N1, N2, K].
+        Tensor: ``"full"`` -> [N1, N2, K, K], ``"trace"`` -> [N1, N2],
+        ``"diagonal"`` -> [N1, N2, K].
     """
     if mode == "full":
         return torch.einsum("nap,mbp->nmab", j1, j2)

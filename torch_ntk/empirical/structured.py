@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -287,9 +288,7 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
             call.own = own and outs is not None and len(outs) > 0
             calls[id(module)].append(call)
             if clone and outs:
-                if isinstance(output, Tensor):
-                    return output.clone()
-                return type(output)(o.clone() if isinstance(o, Tensor) else o for o in output)
+                return pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o, output)
             return None
         return hook
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 
@@ -106,13 +107,12 @@ def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
 
 
 def output_tensors(output: Any) -> list[Tensor] | None:
-    """The tensors a module returned (a Tensor, or a tuple/list of Tensors and Nones)."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)) and all(o is None or isinstance(o, Tensor)
-                                                 for o in output):
-        return [o for o in output if o is not None]
-    return None
+    """The tensors a module returned, flattened (a Tensor, or nested tuples, lists and dicts
+    of Tensors and Nones, like an LSTM's ``(y, (h, c))``); None for anything else."""
+    leaves = pytree.tree_leaves(output)
+    if not all(leaf is None or isinstance(leaf, Tensor) for leaf in leaves):
+        return None
+    return [leaf for leaf in leaves if leaf is not None]
 
 
 # Internal helpers

@@ -114,6 +114,29 @@ class EmbeddingModel(nn.Module):
         return self.head(torch.tanh(self.emb(idx).flatten(1)))
 
 
+class RecurrentModel(nn.Module):
+    """nn.RNN/GRU/LSTM (input 3, hidden 5) and a Linear head to 2 outputs on the time mean.
+
+    Takes (N, T, 3) either way; a sequence-first RNN gets the input transposed, so the batch
+    stays on dim 0 of the model's input. torch.func.vmap can't run these RNNs.
+    """
+
+    def __init__(self, cell: type, batch_first: bool = True, **kwargs) -> None:
+        super().__init__()
+        self.rnn = cell(3, 5, batch_first=batch_first, **kwargs)
+        self.head = nn.Linear(5 * (2 if self.rnn.bidirectional else 1), 2)
+
+    def forward(self, x):
+        if not self.rnn.batch_first:
+            x = x.transpose(0, 1)
+        y, _ = self.rnn(x)
+        return self.head(y.mean(1 if self.rnn.batch_first else 0))
+
+
+def _sequences(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, 4, 3, dtype=dtype)
+
+
 def _mlp(act: nn.Module, out: int = 3, bias: bool = True) -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8, bias=bias), act, nn.Linear(8, 7, bias=bias),
                          act, nn.Linear(7, out, bias=bias))
@@ -157,6 +180,11 @@ ZOO = {
     "conv2d": (ConvNet2d, lambda n, dt: torch.randn(n, 50, dtype=dt)),
     "embedding": (EmbeddingModel, lambda n, dt: torch.randint(0, 11, (n, 2))),
     "ntk_linear": (_ntk_mlp, None),
+    "rnn_two_layers_seq_first": (lambda: RecurrentModel(nn.RNN, False, num_layers=2),
+                                 _sequences),
+    "gru_bidirectional": (lambda: RecurrentModel(nn.GRU, True, bidirectional=True), _sequences),
+    "lstm_bidirectional_seq_first": (lambda: RecurrentModel(nn.LSTM, False, bidirectional=True),
+                                     _sequences),
 }
 
 

@@ -198,6 +198,7 @@ def test_wrong_input_shape_of_a_recurrent_model_is_the_models_own_error():
     with pytest.raises(RuntimeError) as raised:
         engine.factors(bad)
     assert str(raised.value) == str(direct.value)
+    assert raised.value.__context__ is None, "the error is chained to vmap's failure"
     assert engine.vmap is None
 
 

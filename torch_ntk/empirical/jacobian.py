@@ -98,13 +98,15 @@ class PerSampleJacobian:
         except torch.OutOfMemoryError:
             raise  # not a limitation of vmap: the caller should use smaller blocks
         except Exception as exc:  # noqa: BLE001 - the autograd path re-raises real errors
-            jac = self._autograd(x)
-            self.vmap, self.vmap_error = False, f"{type(exc).__name__}: {exc}"
-            with _NOT_VMAPPABLE_GUARD:
-                _NOT_VMAPPABLE[self.model] = self.vmap_error
-            return jac
-        self.vmap = True
-        return self._assemble(*raw, x.shape[0])
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.vmap = True
+            return self._assemble(*raw, x.shape[0])
+        jac = self._autograd(x)  # outside the handler: the model's own error comes alone
+        self.vmap, self.vmap_error = False, error
+        with _NOT_VMAPPABLE_GUARD:
+            _NOT_VMAPPABLE[self.model] = error
+        return jac
 
     def _vmapped(self, x: Tensor) -> Tensor:
         return self._assemble(*self._vmap_raw(x), x.shape[0])

@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
 import torch_ntk
+from torch_ntk.apps.bench import harness
 from torch_ntk.apps.machine import machine_info
 
 
@@ -42,11 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
                         default=[64, 128, 256, 512, 1024, 2048, 4096])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results to this file")
-    parser.add_argument("--_worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._worker is not None:
-        print(json.dumps(_timing_worker(*args._worker)))
-        return {}
 
     result = {"machine": machine_info("cpu"), "timing": [], "convergence": None}
     cases = [("relu", args.n, args.depth)]
@@ -62,30 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-# Internal helpers
-
-def _timing(act: str, n: int, depth: int, features: int, repeats: int) -> dict:
-    """Runs the timing in a fresh process so that its peak RSS is the kernel's alone."""
-    cmd = [sys.executable, __file__, "--_worker", act, str(n), str(depth), str(features),
-           str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return dict(activation=act, n=n, depth=depth,
-                    skipped=f"failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _timing_worker(act: str, n: str, depth: str, features: str, repeats: str) -> dict:
-    import resource
-
-    n, depth, features, repeats = int(n), int(depth), int(features), int(repeats)
+def timing_worker(act: str, n: int, depth: int, features: int, repeats: int) -> dict:
+    """Worker (fresh process): times ``analytic_ntk`` on N random inputs, x2=None."""
     torch.manual_seed(0)
     x = torch.randn(n, features, dtype=torch.float64)
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss_start = harness.peak_rss_gib()
     # Warm-up and agreement: rows 0..63 of the full kernel against their own call.
     block = torch_ntk.analytic_ntk(x[:64], x, depth=depth, activation=act)
     times, cpu, max_dev = [], [], None
-    load_before = os.getloadavg()[0]
+    load_before = harness.load_average()
     for _ in range(repeats):
         usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         k = torch_ntk.analytic_ntk(x, depth=depth, activation=act)
@@ -99,10 +80,20 @@ def _timing_worker(act: str, n: str, depth: str, features: str, repeats: str) ->
     return dict(activation=act, n=n, depth=depth, features=features, dtype="float64",
                 repeats=repeats, seconds_median=statistics.median(times), seconds_all=times,
                 cpu_seconds_median=statistics.median(cpu), threads=torch.get_num_threads(),
-                load_average_1min=[load_before, os.getloadavg()[0]],
-                output_gib=n * n * 8 / 2 ** 30, peak_rss_gib=resource.getrusage(
-                    resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, rss_before_gib=rss_start,
+                load_average_1min=[load_before, harness.load_average()],
+                output_gib=n * n * 8 / 2 ** 30, peak_rss_gib=harness.peak_rss_gib(),
+                rss_before_gib=rss_start,
                 rows_check_max_rel_dev=max_dev, finite=finite)
+
+
+# Internal helpers
+
+def _timing(act: str, n: int, depth: int, features: int, repeats: int) -> dict:
+    """Runs the timing in a fresh process so that its peak RSS is the kernel's alone."""
+    res = harness.run_isolated(f"{os.path.abspath(__file__)}:timing_worker",
+                               dict(act=act, n=n, depth=depth, features=features,
+                                    repeats=repeats))
+    return dict(activation=act, n=n, depth=depth, **res) if "skipped" in res else res
 
 
 def _convergence(widths: list[int], seeds: int, n: int = 16, features: int = 8,

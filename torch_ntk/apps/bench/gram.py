@@ -17,12 +17,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from torch_ntk.apps.bench import harness
 from torch_ntk.apps.machine import machine_info
 from torch_ntk.native import loader, route
 from torch_ntk.native.gram import _gram_sum_torch
@@ -89,10 +88,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--gemm", action="store_true", help="also time the same-FLOP GEMM on CPU")
     parser.add_argument("--json", help="write the record here")
-    parser.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._child:
-        return _child(*args._child)
     record = run(args.device, args.sizes, args.modes, getattr(torch, args.dtype), args.repeats,
                  args.symmetric, not args.no_memory, True if args.gemm else None)
     if args.json:
@@ -117,11 +113,6 @@ def _shape(n: int, mode: str):
     return {"full": (n, n, K, K), "trace": (n, n), "diagonal": (n, n, K)}[mode]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _bench_one(device, n, mode, dtype, repeats, symmetric, memory, gemm) -> dict:
     h, d, c = mlp_factors(n, device, dtype, seed=0)
     h2, d2 = (h, d) if symmetric else mlp_factors(n, device, dtype, seed=1)[:2]
@@ -141,10 +132,10 @@ def _bench_one(device, n, mode, dtype, repeats, symmetric, memory, gemm) -> dict
     times = {m: [] for m in methods}
     for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
         for m in methods:
-            _sync(device)
+            harness.sync(device.type)
             t0 = time.perf_counter()
             _call(m, h, d, h2, d2, c, mode, outs[m], symmetric)
-            _sync(device)
+            harness.sync(device.type)
             times[m].append(time.perf_counter() - t0)
     for m in methods:
         row[f"{m}_s"] = statistics.median(times[m])
@@ -173,10 +164,10 @@ def _gemm_reference(device, n, mode, dtype, repeats, row) -> dict:
     torch.mm(a, b, out=c)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        harness.sync(device.type)
         t0 = time.perf_counter()
         torch.mm(a, b, out=c)
-        _sync(device)
+        harness.sync(device.type)
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     res = {"gemm_s": t, "gemm_gflops": 2.0 * m * m * inner / t / 1e9}
@@ -196,41 +187,36 @@ def _cuda_memory(method, h, d, h2, d2, c, mode, out, symmetric) -> float:
 
 def _child_memory(method, n, mode, dtype, symmetric) -> float | None:
     """Peak RSS growth (MiB) of one call in a fresh process, inputs and out already allocated."""
-    cmd = [sys.executable, "-m", "torch_ntk.apps.bench.gram", "--_child", method, str(n), mode,
-           str(dtype).replace("torch.", ""), str(int(symmetric))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    res = harness.run_isolated(
+        "torch_ntk.apps.bench.gram:child_memory",
+        dict(method=method, n=n, mode=mode, dtype=str(dtype).replace("torch.", ""),
+             symmetric=symmetric))
+    if "skipped" in res:
+        print(f"  extra memory of {method} N={n} {mode} not measured: {res['skipped']}")
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+    return res["peak_extra_mib"]
 
 
-def _child(method, n, mode, dtype, symmetric) -> dict:
-    n, symmetric, dtype = int(n), symmetric == "1", getattr(torch, dtype)
+def child_memory(method: str, n: int, mode: str, dtype: str, symmetric: bool) -> dict:
+    """Worker (fresh process): RSS growth of one call above its inputs and output.
+
+    Returns:
+        dict: ``peak_extra_mib``.
+    """
+    dtype = getattr(torch, dtype)
     h, d, c = mlp_factors(n, "cpu", dtype, seed=0)
     h2, d2 = (h, d) if symmetric else mlp_factors(n, "cpu", dtype, seed=1)[:2]
     out = torch.ones(_shape(n, mode), dtype=dtype)  # touched, so it counts in the baseline
     _call(method, h, d, h2, d2, c, mode, out, symmetric)  # warm-up: lazy inits, thread pools
-    try:  # Linux: reset the peak RSS (VmHWM) so it covers only the measured call
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status_kib("VmRSS")
+    if harness.reset_peak_rss():  # Linux: the peak then covers only the measured call
+        base = harness.rss_kib("VmRSS")
         _call(method, h, d, h2, d2, c, mode, out, symmetric)
-        peak = _proc_status_kib("VmHWM")
-    except OSError:  # elsewhere: peak since start, which may hide a smaller call's peak
+        peak = harness.rss_kib("VmHWM")
+    else:  # elsewhere: peak since start, which may hide a smaller call's peak
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         _call(method, h, d, h2, d2, c, mode, out, symmetric)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = {"peak_extra_mib": max(peak - base, 0) / 1024}
-    print(json.dumps(res))
-    return res
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+    return {"peak_extra_mib": max(peak - base, 0) / 1024}
 
 
 def _mib(t: torch.Tensor) -> float:

@@ -63,8 +63,9 @@ def test_empty_batch():
         torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randn(0, 3))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_input_on_other_device_than_model():
-    model = nn.Linear(3, 2).to("meta")
+    model = nn.Linear(3, 2).cuda()
     with pytest.raises(ValueError, match="Move them to one device"):
         torch_ntk.empirical_ntk(model, torch.randn(2, 3))
 

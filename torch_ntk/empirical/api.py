@@ -189,15 +189,19 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
+        moved: set[str] = set()
         with torch.no_grad():
             checks.check_deterministic(f_probe, checks.check_output(model(probe), size, "x1"))
             for row in range(samples.shape[0]):
-                f_single = checks.check_output(model(probe[row:row + 1]), 1, "x1")
-                checks.check_independent(f_probe, f_single, row)
+                if method == "jacobian":
+                    f_single = model(probe[row:row + 1])
+                else:
+                    bad, f_single = engine.check_rows(probe, row)
+                    moved.update(bad)
+                checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"), row)
         if method == "jacobian":
             return engine, f_probe.shape[1]
-        moved = sorted({name for row in range(samples.shape[0])
-                        for name in engine.check_rows(probe, row)})
+        moved = sorted(moved)
         if moved and method == "structured":
             raise ValueError(
                 f"empirical_ntk: method='structured' can't use layer(s) {', '.join(moved)}: "

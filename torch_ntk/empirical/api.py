@@ -94,8 +94,9 @@ class KernelPlan:
                  batch_size: int | None = None) -> None:
         batch_size = checks.check_options(mode, method, batch_size)
         model = _original_module(model)
-        self.params = checks.check_model(model)
-        checks.check_inputs(x1, x2, next(iter(self.params.values())))
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model, self.x1, self.x2 = model, x1, x2
         self.mode, self.method, self.batch_size = mode, method, batch_size
         self.symmetric = x2 is None
@@ -104,6 +105,9 @@ class KernelPlan:
     def __enter__(self) -> "KernelPlan":
         self._state = _ModelState(self.model)
         try:
+            # Under the model's lock: another call may have parameters swapped out right now.
+            self.params = checks.check_model(self.model)
+            checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
             with _no_autocast():
                 self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
                                                      self.method)

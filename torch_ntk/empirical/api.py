@@ -8,6 +8,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_ntk import _modes
 from torch_ntk.empirical import checks
@@ -240,13 +241,16 @@ def _original_module(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _no_autocast():
-    """Autocast off: the kernel is the model's in its parameters' dtype, computed exactly."""
-    with torch.autocast("cpu", enabled=False):
+    """How every forward of a call runs: autocast off (the kernel is the model's in its
+    parameters' dtype) and attention through the math backend of scaled_dot_product_attention
+    (the fused CPU/GPU kernels have no batching rules, which makes batched reverse passes and
+    per-sample gradients fall back to slow loops; the math backend computes the same function)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
-            with torch.autocast("cuda", enabled=False):
-                yield
-        else:
-            yield
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:

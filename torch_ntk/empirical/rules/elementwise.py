@@ -1,0 +1,83 @@
+"""Layers whose parameters act entrywise or by lookup: ``nn.LayerNorm`` and ``nn.Embedding``.
+
+- LayerNorm ``z = x̂ ⊙ w + b`` (x̂ the normalised input): the per-sample gradients are
+  ``Σ_t δ_t ⊙ x̂_t`` and ``Σ_t δ_t`` over the positions t outside the normalised shape.
+- Embedding ``z_t = E[token_t]``: row r of the per-sample gradient is the sum of ``δ_t`` over
+  the positions holding token r (a scatter-add); its kernel share counts equal tokens.
+
+Both avoid a vector-Jacobian product per sample and output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch_ntk.empirical.rules.base import Call, Layer, Rule
+from torch_ntk.empirical.rules.linear import _has_hooks
+
+
+class LayerNormRule(Rule):
+    name = "layernorm"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (type(module) is nn.LayerNorm and module.elementwise_affine
+                and "weight" in module._parameters and not _has_hooks(module))
+
+    def accepts(self, layer: Layer, calls: list[Call]) -> bool:
+        dims = len(layer.module.normalized_shape)
+        return all(len(c.inputs()) == 1 and c.in_dims[0] is not None
+                   and c.in_dims[0] < c.inputs()[0].dim() - dims for c in calls)
+
+    def per_sample_gradients(self, layer: Layer, calls: list[Call],
+                             deltas: list[list[Tensor]]) -> Tensor:
+        module = layer.module
+        total = None
+        for call, delta in zip(calls, deltas):
+            x, bd = call.inputs()[0], call.in_dims[0]
+            x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+            width = module.weight.numel()
+            d = delta[0].movedim(bd + 1, 1)                       # (K, n, ..., *normalized)
+            k, n = d.shape[:2]
+            d = d.reshape(k, n, -1, width)
+            parts = []
+            if "weight" in layer.params:
+                x_t = x_hat.movedim(bd, 0).reshape(n, -1, width)
+                parts.append(torch.einsum("antw,ntw->naw", d, x_t))
+            if "bias" in layer.params:
+                parts.append(d.sum(2).transpose(0, 1))
+            g = torch.cat(parts, dim=2)
+            total = g if total is None else total + g
+        return total
+
+
+class EmbeddingRule(Rule):
+    name = "embedding"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (type(module) is nn.Embedding and module.max_norm is None
+                and "weight" in module._parameters and not _has_hooks(module))
+
+    def accepts(self, layer: Layer, calls: list[Call]) -> bool:
+        return all(len(c.inputs()) == 1 and c.in_dims[0] == 0 and c.out_dims == [0]
+                   for c in calls)
+
+    def per_sample_gradients(self, layer: Layer, calls: list[Call],
+                             deltas: list[list[Tensor]]) -> Tensor:
+        module = layer.module
+        vocab, width = module.weight.shape
+        total = None
+        for call, delta in zip(calls, deltas):
+            tokens = call.inputs()[0]
+            k, n = delta[0].shape[:2]
+            d = delta[0].reshape(k, n, -1, width).transpose(0, 1)   # (n, K, T, d)
+            idx = tokens.reshape(n, 1, -1, 1).expand(n, k, d.shape[2], width)
+            if module.padding_idx is not None:   # the padding row gets no gradient
+                d = d * (tokens.reshape(n, 1, -1, 1) != module.padding_idx)
+            g = d.new_zeros(n, k, vocab, width).scatter_add_(2, idx, d).reshape(n, k, -1)
+            total = g if total is None else total + g
+        return total
+
+    def cost(self, layer: Layer, k: int) -> tuple[float, float]:
+        size = layer.module.weight.numel()
+        return float(k * k * size), float(k * size * layer.module.weight.element_size())

@@ -196,3 +196,41 @@ def test_pending_backward_survives_a_kernel_call():
     torch_ntk.empirical_ntk(model, x, mode="trace")
     loss.backward()
     assert model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=1), (9,)),
+    (lambda: nn.Conv1d(2, 3, 4, padding="same"), (7,)),
+    (lambda: nn.Conv2d(4, 4, (2, 3), stride=(2, 1), dilation=(1, 2), groups=4, padding=(1, 0)),
+     (5, 6)),
+    (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1, bias=False), (3, 4, 3)),
+    (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), (3, 3)),
+])
+def test_convolutions_of_every_kind(conv, shape):
+    torch.manual_seed(0)
+    layer = conv()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(5, layer.in_channels, *shape, dtype=torch.float64)
+    model(x)  # materialise the lazy head
+    engine = _engine(model, x)
+    expected = "local" if isinstance(layer, nn.ConvTranspose2d) else "conv"
+    assert engine.foreign == {} and engine.layers[0].rule.name == expected
+    _check(model, x, torch.randn(3, layer.in_channels, *shape, dtype=torch.float64))
+
+
+def test_layernorm_and_embedding_rules():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 4, padding_idx=0)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, t):
+            return self.head(self.norm(self.embed(t)).mean(1))
+
+    model = Tokens().double()
+    x = torch.randint(0, 7, (6, 5))
+    engine = _engine(model, x)
+    assert [l.rule.name for l in engine.layers] == ["embedding", "layernorm", "linear"]
+    _check(model, x, torch.randint(0, 7, (3, 5)))

@@ -1,9 +1,9 @@
-"""``nn.Conv1d`` and ``nn.Conv2d`` with zero padding (any stride, dilation, groups, padding).
+"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with zero padding (any stride, dilation, groups, padding).
 
 The per-sample weight gradient of a call is ``Σ_t δ_t patch_tᵀ`` over the output positions t,
-with the input patches unfolded once per call (``F.unfold``): one batched matrix product per
+with the input patches taken as a strided view of the padded input: one contraction per
 call instead of a vector-Jacobian product per sample and output. The bias gradient is
-``Σ_t δ_t``. Other convolutions (3-d, transposed, circular or reflect padding) are left to the
+``Σ_t δ_t``. Other convolutions (transposed, circular or reflect padding) are left to the
 catch-all rule.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ class ConvRule(Rule):
     name = "conv"
 
     def matches(self, module: nn.Module) -> bool:
-        return (type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros"
+        return (type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros"
                 and "weight" in module._parameters and not _has_hooks(module))
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:
@@ -31,35 +31,38 @@ class ConvRule(Rule):
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         module = layer.module
+        groups, spatial = module.groups, len(module.kernel_size)
         g_w = g_b = None
         for call, delta in zip(calls, deltas):
-            patches = _patches(module, call.inputs()[0])               # (n, C_in·k, T)
             k, n, c_out = delta[0].shape[:3]
-            d = delta[0].reshape(k, n, c_out, -1)                       # (K, n, C_out, T)
             if "weight" in layer.params:
-                groups = module.groups
-                d_g = d.reshape(k, n, groups, c_out // groups, d.shape[-1])
-                p_g = patches.reshape(n, groups, -1, patches.shape[-1])
-                w = torch.einsum("angot,ngpt->nagop", d_g, p_g).reshape(n, k, -1)
-                g_w = w if g_w is None else g_w + w
+                view = _patch_view(module, call.inputs()[0])   # (n, C_in, *out, *kernel)
+                view = view.reshape(n, groups, -1, *view.shape[2:])
+                d = delta[0].reshape(k, n, groups, c_out // groups, *delta[0].shape[3:])
+                axes = "xyz"[:spatial]
+                kern = "ijl"[:spatial]
+                w = torch.einsum(f"ango{axes},ngc{axes}{kern}->nagoc{kern}", d, view)
+                g_w = w.reshape(n, k, -1) if g_w is None else g_w + w.reshape(n, k, -1)
             if "bias" in layer.params:
-                b = d.sum(3).transpose(0, 1)
+                b = delta[0].reshape(k, n, c_out, -1).sum(3).transpose(0, 1)
                 g_b = b if g_b is None else g_b + b
         return torch.cat([g for g in (g_w, g_b) if g is not None], dim=2)
 
 
 # Internal helpers
 
-def _patches(module: nn.Module, h: Tensor) -> Tensor:
-    """Unfolded input patches (n, C_in·kernel, T) of one call, padding included."""
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if isinstance(module, nn.Conv1d):
-        h = h.unsqueeze(2)
-        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-        h = F.pad(h, _padding(module))
-    else:
-        h = F.pad(h, _padding(module))
-    return F.unfold(h, kernel, dilation=dilation, stride=stride)
+def _patch_view(module: nn.Module, h: Tensor) -> Tensor:
+    """Input patches of one call as a strided view (n, C_in, *out_positions, *kernel).
+
+    Padding makes one padded copy of the input; the patches themselves are not copied.
+    """
+    h = F.pad(h, _padding(module))
+    for i, (size, stride, dilation) in enumerate(zip(module.kernel_size, module.stride,
+                                                     module.dilation)):
+        h = h.unfold(2 + i, dilation * (size - 1) + 1, stride)
+        if dilation > 1:
+            h = h[..., ::dilation]
+    return h
 
 
 def _padding(module: nn.Module) -> list[int]:

@@ -234,3 +234,20 @@ def test_layernorm_and_embedding_rules():
     engine = _engine(model, x)
     assert [l.rule.name for l in engine.layers] == ["embedding", "layernorm", "linear"]
     _check(model, x, torch.randint(0, 7, (3, 5)))
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.BatchNorm2d(4), lambda: nn.GroupNorm(2, 4),
+                                  lambda: nn.BatchNorm1d(4)])
+def test_channel_norm_rule(norm):
+    torch.manual_seed(0)
+    layer = norm()
+    conv = nn.Conv2d(2, 4, 2) if isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm)) else \
+        nn.Conv1d(2, 4, 2)
+    model = nn.Sequential(conv, layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    shape = (4, 4) if conv.__class__ is nn.Conv2d else (5,)
+    x = torch.randn(5, 2, *shape, dtype=torch.float64)
+    model.train()(x)                     # running statistics away from their defaults
+    model.eval()
+    engine = _engine(model, x)
+    assert [l.rule.name for l in engine.layers][:2] == ["conv", "channelnorm"]
+    _check(model, x, torch.randn(3, 2, *shape, dtype=torch.float64))

@@ -1,7 +1,10 @@
-"""Layers whose parameters act entrywise or by lookup: ``nn.LayerNorm`` and ``nn.Embedding``.
+"""Layers whose parameters act entrywise or by lookup: norms and ``nn.Embedding``.
 
 - LayerNorm ``z = x̂ ⊙ w + b`` (x̂ the normalised input): the per-sample gradients are
   ``Σ_t δ_t ⊙ x̂_t`` and ``Σ_t δ_t`` over the positions t outside the normalised shape.
+- GroupNorm and eval-mode BatchNorm ``z = x̂ ⊙ w[c] + b[c]`` per channel c (axis 1): the same
+  sums over the positions of each channel; x̂ uses the sample's own group statistics
+  (GroupNorm) or the running statistics (BatchNorm in eval mode).
 - Embedding ``z_t = E[token_t]``: row r of the per-sample gradient is the sum of ``δ_t`` over
   the positions holding token r (a scatter-add); its kernel share counts equal tokens.
 
@@ -51,6 +54,40 @@ class LayerNormRule(Rule):
         return total
 
 
+class ChannelNormRule(Rule):
+    name = "channelnorm"
+
+    def matches(self, module: nn.Module) -> bool:
+        batchnorm = (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                     and type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+                     and not module.training and module.track_running_stats)
+        return ((batchnorm or type(module) is nn.GroupNorm) and module.affine
+                and "weight" in module._parameters and not _has_hooks(module))
+
+    def accepts(self, layer: Layer, calls: list[Call]) -> bool:
+        return all(len(c.inputs()) == 1 and c.in_dims == [0] and c.out_dims == [0]
+                   and c.inputs()[0].dim() >= 2 for c in calls)
+
+    def per_sample_gradients(self, layer: Layer, calls: list[Call],
+                             deltas: list[list[Tensor]]) -> Tensor:
+        module = layer.module
+        total = None
+        for call, delta in zip(calls, deltas):
+            x = call.inputs()[0]
+            n, c = x.shape[:2]
+            k = delta[0].shape[0]
+            d = delta[0].reshape(k, n, c, -1)
+            parts = []
+            if "weight" in layer.params:
+                x_hat = _normalised(module, x).reshape(n, c, -1)
+                parts.append(torch.einsum("anct,nct->nac", d, x_hat))
+            if "bias" in layer.params:
+                parts.append(d.sum(3).transpose(0, 1))
+            g = torch.cat(parts, dim=2)
+            total = g if total is None else total + g
+        return total
+
+
 class EmbeddingRule(Rule):
     name = "embedding"
 
@@ -81,3 +118,15 @@ class EmbeddingRule(Rule):
     def cost(self, layer: Layer, k: int) -> tuple[float, float]:
         size = layer.module.weight.numel()
         return float(k * k * size), float(k * size * layer.module.weight.element_size())
+
+
+# Internal helpers
+
+def _normalised(module: nn.Module, x: Tensor) -> Tensor:
+    """x̂ of a GroupNorm or an eval-mode BatchNorm (before its affine weight and bias)."""
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = module.running_mean.reshape(shape)
+    var = module.running_var.reshape(shape)
+    return (x - mean) / torch.sqrt(var + module.eps)

@@ -5,11 +5,13 @@ from torch import nn
 
 from torch_ntk.empirical.rules.base import Rule
 from torch_ntk.empirical.rules.conv import ConvRule
-from torch_ntk.empirical.rules.elementwise import EmbeddingRule, LayerNormRule
+from torch_ntk.empirical.rules.elementwise import (ChannelNormRule, EmbeddingRule,
+                                                   LayerNormRule)
 from torch_ntk.empirical.rules.linear import LinearRule
 from torch_ntk.empirical.rules.local import LocalRule
 
-RULES: list[Rule] = [LinearRule(), ConvRule(), LayerNormRule(), EmbeddingRule(), LocalRule()]
+RULES: list[Rule] = [LinearRule(), ConvRule(), LayerNormRule(), ChannelNormRule(),
+                     EmbeddingRule(), LocalRule()]
 
 
 def rule_for(module: nn.Module) -> Rule:

@@ -251,3 +251,23 @@ def test_channel_norm_rule(norm):
     engine = _engine(model, x)
     assert [l.rule.name for l in engine.layers][:2] == ["conv", "channelnorm"]
     _check(model, x, torch.randn(3, 2, *shape, dtype=torch.float64))
+
+
+def test_conv_pairs_of_positions_when_cheaper():
+    """Few output positions and wide layers: the conv share is a sum of Grams over position
+    pairs; many positions: per-sample gradients. Both exact, with x2 None and distinct."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),      # 4x4 = 16 positions
+                          nn.Conv2d(3, 64, 3, stride=2), nn.Tanh(),      # 1 position
+                          nn.Conv2d(64, 64, 1), nn.Flatten(), nn.Linear(64, 5)).double()
+    x = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    engine = _engine(model, x)
+    assert [(l.name, l.gram) for l in engine.layers] == [
+        ("0", False), ("2", True), ("4", True), ("6", True)]
+    _check(model, x, torch.randn(4, 2, 4, 4, dtype=torch.float64), batch_size=4)
+    wide = nn.Sequential(nn.Conv2d(8, 64, 2), nn.Tanh(), nn.Flatten(), nn.Linear(64 * 4, 2))
+    wide = wide.double()
+    x = torch.randn(5, 8, 3, 3, dtype=torch.float64)   # 2x2 positions, K = 2: 4² (32 + 4·64)
+    engine = _engine(wide, x)                           # < 4 · 32 · 64 multiply-adds per pair
+    assert engine.layers[0].gram and engine.layers[0].state["positions"] == 4
+    _check(wide, x, torch.randn(3, 8, 3, 3, dtype=torch.float64))

@@ -25,8 +25,48 @@ class ConvRule(Rule):
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:
         dims = len(layer.module.kernel_size) + 2
-        return all(len(c.inputs()) == 1 and c.inputs()[0].dim() == dims and c.in_dims == [0]
-                   and c.out_dims == [0] for c in calls)
+        if not all(len(c.inputs()) == 1 and c.inputs()[0].dim() == dims and c.in_dims == [0]
+                   and c.out_dims == [0] for c in calls):
+            return False
+        module, k = layer.module, layer.state.get("k", 1)
+        q, p = module.weight.shape[0], module.weight[0].numel()
+        t = calls[0].outputs[0][0, 0].numel()
+        # Multiply-adds per pair of samples: per-sample gradients contract K² p q; pairs of
+        # positions contract T² Grams of the patches and of δ.
+        layer.state["positions"] = t
+        layer.state["position_pairs"] = (len(calls) == 1 and module.groups == 1
+                                         and t * t * (p + k * k * q) < k * k * p * q)
+        return True
+
+    def uses_gram(self, layer: Layer) -> bool:
+        return layer.state.get("position_pairs", False)
+
+    def gram_factors(self, layer: Layer, call: Call, delta: list[Tensor]
+                     ) -> list[tuple[Tensor, Tensor, float]]:
+        """One entry per output position t: (patch_t, δ_t, [bias]); paired over (t, t')."""
+        module = layer.module
+        spatial = len(module.kernel_size)
+        view = _patch_view(module, call.inputs()[0])             # (n, C_in, *out, *kernel)
+        n = view.shape[0]
+        order = ((0,) + tuple(range(2, 2 + spatial)) + (1,)
+                 + tuple(range(2 + spatial, 2 + 2 * spatial)))
+        patches = view.permute(order).reshape(n, -1, _patch_size(module))   # (n, T, p)
+        k, _, q = delta[0].shape[:3]
+        d = delta[0].reshape(k, n, q, -1).permute(3, 1, 0, 2)    # (T, n, K, q)
+        c = 1.0 if "bias" in layer.params else 0.0
+        entries = []
+        for t in range(d.shape[0]):
+            h = patches[:, t] if "weight" in layer.params else patches.new_empty(n, 0)
+            entries.append((h.contiguous(), d[t].contiguous(), c))
+        return entries
+
+    def cost(self, layer: Layer, k: int) -> tuple[float, float]:
+        q, p = layer.module.weight.shape[0], layer.module.weight[0].numel()
+        t = layer.state.get("positions", 1)
+        item = layer.module.weight.element_size()
+        if self.uses_gram(layer):
+            return float(t * t * (p + k * k * q)), float(t * (p + k * q) * item)
+        return float(k * k * p * q), float(k * (p * q + q) * item)
 
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
@@ -63,6 +103,11 @@ def _patch_view(module: nn.Module, h: Tensor) -> Tensor:
         if dilation > 1:
             h = h[..., ::dilation]
     return h
+
+
+def _patch_size(module: nn.Module) -> int:
+    """Entries of one input patch: C_in · prod(kernel)."""
+    return module.weight[0].numel()
 
 
 def _padding(module: nn.Module) -> list[int]:

@@ -124,7 +124,6 @@ def nt_measure(net: str, n: int, mode: str, repeats: int = 3) -> dict:
         dict: seconds (median of the calls after the first), repeats, seconds_all,
         first_call_s (tracing + compiling + one call), peak_rss_gib, parameters, shape.
     """
-    import resource
     import statistics
 
     import jax
@@ -148,10 +147,19 @@ def nt_measure(net: str, n: int, mode: str, repeats: int = 3) -> dict:
     return dict(seconds=statistics.median(times), repeats=len(times), seconds_all=times,
                 first_call_s=first, shape=list(k.shape), dtype=str(k.dtype),
                 parameters=int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
-                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+                peak_rss_gib=_peak_rss_gib())
 
 
 # Internal helpers
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this program (Linux ``VmHWM``, which starts afresh at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20
+    raise OSError("VmHWM not in /proc/self/status")
+
 
 def _nt_network(stax, net: str):
     """``(init_fn, apply_fn, input shape)`` of the stax twin of the torch model ``net``."""

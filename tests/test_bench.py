@@ -112,6 +112,14 @@ def test_harness_returns_result_failure_and_timeout(tmp_path):
     assert time.perf_counter() - start < 30
 
 
+def test_harness_peak_rss_is_the_workers_own():
+    ballast = bytearray(2 ** 30)  # resident in this process when the worker is forked
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    own = harness.run_isolated("torch_ntk.apps.bench.harness:peak_rss_gib")
+    assert isinstance(own, float) and 0 < own < harness.peak_rss_gib() - 0.5
+    del ballast
+
+
 def test_harness_median_time_and_rss():
     calls = []
     timing = harness.median_time(lambda: calls.append(1), repeats=3,

@@ -99,8 +99,16 @@ def sync(device: str) -> None:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident memory of this process since it started (GiB; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    """Peak resident memory of this process's own program (GiB).
+
+    Linux: ``VmHWM``, which starts afresh at ``exec``; ``ru_maxrss`` would not do in a worker,
+    since it keeps the parent's resident size at ``fork``. Elsewhere: ``ru_maxrss``.
+    """
+    try:
+        return rss_kib("VmHWM") / 2 ** 20
+    except OSError:
+        scale = 2 ** 30 if sys.platform == "darwin" else 2 ** 20  # bytes on macOS, else KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def reset_peak_rss() -> bool:

@@ -20,6 +20,12 @@ _FACTOR_BYTES = 512 * 2 ** 20    # default budget for the factors of one block o
 _TILE_BYTES = 512 * 2 ** 20      # default budget for one output tile
 _CACHE_BYTES = 2 * 2 ** 30       # factors of x2 blocks kept for reuse across rows
 _CACHED_BLOCKS = 4               # ... or this many blocks when the caller sets batch_size
+# The cost model of "auto", in one place: multiply-adds per pair of inputs. The Jacobian method
+# contracts K² P; the structured one Σ_l cost_l (Gram layers p_l + K² q_l, per-sample layers
+# K² P_l, position pairs T² (p_l + K² q_l)). Both spend about the same per input on forward and
+# reverse passes, and the structured one has more fixed costs (hooks, one vjp per layer), so
+# it is taken when its contraction is at most this share of the Jacobian's.
+_STRUCTURED_SHARE = 0.5
 
 
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
@@ -214,7 +220,18 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                 "model reorders, sorts or folds the batch around them). Use method='auto', "
                 "which computes their share with the Jacobian, or method='jacobian'.")
         engine.drop(set(moved))
-        if engine.factorised and engine.verify(samples) > _verify_tolerance(params):
+        k = f_probe.shape[1]
+        if not engine.factorised:
+            if method == "structured":
+                raise ValueError(
+                    "empirical_ntk: method='structured' found no layer whose calls keep the "
+                    "batch on one axis; the trainable parameters live in "
+                    f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
+            return _fallback(model, params, "no layer"), k
+        if method == "auto" and engine.pair_cost(k) >= _STRUCTURED_SHARE * k * k * sum(
+                p.numel() for p in params.values()):
+            return _fallback(model, params, "cost"), k
+        if engine.verify(samples) > _verify_tolerance(params):
             if method == "structured":
                 raise ValueError(
                     "empirical_ntk: method='structured' does not reproduce the model's own "
@@ -222,15 +239,16 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     f"{', '.join(l.name for l in engine.layers)}) also acts outside that "
                     "layer's call (e.g. passed to F.linear elsewhere, or read by a forward "
                     "hook). Use method='jacobian' or 'auto'.")
-            engine = JacobianNTK(model, params)
-        elif not engine.factorised:
-            if method == "structured":
-                raise ValueError(
-                    "empirical_ntk: method='structured' found no layer whose calls keep the "
-                    "batch on one axis; the trainable parameters live in "
-                    f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
-            engine = JacobianNTK(model, params)
+            return _fallback(model, params, "verify"), k
     return engine, f_probe.shape[1]
+
+
+def _fallback(model: nn.Module, params: dict[str, Tensor], reason: str) -> JacobianNTK:
+    """The Jacobian engine, remembering why ``auto`` took it (tests and benchmarks read it):
+    "no layer", "cost" (the structured contraction would save little) or "verify"."""
+    engine = JacobianNTK(model, params)
+    engine.reason = reason
+    return engine
 
 
 def _original_module(model: nn.Module) -> nn.Module:

@@ -123,6 +123,11 @@ class StructuredNTK:
                 bad.append(layer.name)
         return bad, f_single
 
+    def pair_cost(self, k: int) -> float:
+        """Multiply-adds per pair of inputs of the full-kernel contraction (see api's model)."""
+        foreign = sum(p.numel() for p in self.foreign.values())
+        return float(k * k * foreign + sum(l.rule.cost(l, k)[0] for l in self.layers))
+
     def bytes_per_sample(self, k: int) -> int:
         """Approximate factor memory per input, to size default batches."""
         itemsize = next(iter(self.params.values())).element_size()

@@ -85,6 +85,11 @@ def test_demo_quick_run(tmp_path, capsys):
             assert math.isfinite(run[key]) and run[key] >= 0
         assert run["loss_T"] < run["loss_0"]
     assert saved["slopes"] == json.loads(json.dumps(results["slopes"]))
+    # Even this tiny run must show the paper's trends: every distance falls with width, at a
+    # rate of the order of width^(-1/2) (theory: -0.5 for init and net vs kernel, -0.5 to -1
+    # for the drift); a sign error or a broken limit shows up as a slope near 0 or positive.
+    for metric in ("init_rel_err", "drift", "net_vs_kernel"):
+        assert -1.5 < saved["slopes"][metric]["slope"] < -0.1, (metric, saved["slopes"])
     assert len(saved["plots"]) == 3
     for path in saved["plots"]:
         with open(path, "rb") as f:

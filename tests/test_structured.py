@@ -271,3 +271,12 @@ def test_conv_pairs_of_positions_when_cheaper():
     engine = _engine(wide, x)                           # < 4 · 32 · 64 multiply-adds per pair
     assert engine.layers[0].gram and engine.layers[0].state["positions"] == 4
     _check(wide, x, torch.randn(3, 8, 3, 3, dtype=torch.float64))
+
+
+def test_ntk_linear_over_a_sequence_keeps_its_scales():
+    model = nn.Sequential(torch_ntk.NTKLinear(3, 5, weight_scale=0.6, bias_scale=0.4), nn.Tanh(),
+                          torch_ntk.NTKLinear(5, 2, weight_scale=0.3, bias_scale=2.0)).double()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)                 # (N, T, d): per-sample path
+    engine = _engine(model, x)
+    assert [(l.rule.name, l.gram) for l in engine.layers] == [("linear", False)] * 2
+    _check(model, x, torch.randn(3, 4, 3, dtype=torch.float64))

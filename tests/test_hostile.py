@@ -274,3 +274,8 @@ def test_batch_size_bounds_the_factor_cache(monkeypatch):
                             batch_size=2)
     per_sample = (3 + 2 * 64 + 64 + 2 * 2) * 8
     assert sizes and sizes[-1] <= 4 * 2 * per_sample + 1
+
+
+def test_integer_inputs_to_a_float_model_are_named():
+    with pytest.raises(TypeError, match="failed on x1 of dtype torch.int64.*x1.to"):
+        torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randint(0, 5, (4, 3)))

@@ -190,13 +190,14 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                 continue
             probe = samples[torch.arange(size, device=x1.device) % samples.shape[0]]
             engine: StructuredNTK | JacobianNTK
-            if method == "jacobian":
-                engine = JacobianNTK(model, params)
-                with torch.no_grad():
-                    f_probe = model(probe)
-                break
-            engine = StructuredNTK(model, params)
-            f_probe = engine.plan(probe)
+            with checks.input_dtype_errors(x1, params):
+                if method == "jacobian":
+                    engine = JacobianNTK(model, params)
+                    with torch.no_grad():
+                        f_probe = model(probe)
+                    break
+                engine = StructuredNTK(model, params)
+                f_probe = engine.plan(probe)
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")

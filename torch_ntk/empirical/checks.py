@@ -165,6 +165,22 @@ def rounding_tolerance(dtype: torch.dtype, width: int) -> float:
 
 
 @contextlib.contextmanager
+def input_dtype_errors(x: Tensor, params: dict[str, Tensor]) -> Iterator[None]:
+    """Turns a dtype error of the model's first forward on non-floating inputs into a clear
+    TypeError (integer inputs are legitimate for embeddings, so they can't be refused before)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if x.is_floating_point() or "dtype" not in str(exc).lower():
+            raise
+        dtype = next(iter(params.values())).dtype
+        raise TypeError(
+            f"empirical_ntk: the model failed on x1 of dtype {x.dtype}: {exc}. Integer inputs "
+            f"suit models that take indices (e.g. nn.Embedding); otherwise cast them to the "
+            f"model's dtype, e.g. x1.to({dtype}).") from exc
+
+
+@contextlib.contextmanager
 def exact_matmul() -> Iterator[None]:
     """TF32 off for CUDA matmuls and convolutions inside the block (checks compare values)."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

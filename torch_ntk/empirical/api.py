@@ -201,6 +201,10 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
+        if (method == "auto" and engine.factorised and engine.pair_cost(f_probe.shape[1])
+                >= _STRUCTURED_SHARE * f_probe.shape[1] ** 2 * sum(
+                    p.numel() for p in params.values())):
+            engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
         with torch.no_grad():
             checks.check_deterministic(f_probe, checks.check_output(model(probe), size, "x1"))
@@ -229,9 +233,6 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     "batch on one axis; the trainable parameters live in "
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
             return _fallback(model, params, "no layer"), k
-        if method == "auto" and engine.pair_cost(k) >= _STRUCTURED_SHARE * k * k * sum(
-                p.numel() for p in params.values()):
-            return _fallback(model, params, "cost"), k
         if engine.verify(samples) > _verify_tolerance(params):
             if method == "structured":
                 raise ValueError(

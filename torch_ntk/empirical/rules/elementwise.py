@@ -93,6 +93,7 @@ class EmbeddingRule(Rule):
 
     def matches(self, module: nn.Module) -> bool:
         return (type(module) is nn.Embedding and module.max_norm is None
+                and not module.scale_grad_by_freq
                 and "weight" in module._parameters and not _has_hooks(module))
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:

@@ -38,18 +38,13 @@ class LayerNormRule(Rule):
         total = None
         for call, delta in zip(calls, deltas):
             x, bd = call.inputs()[0], call.in_dims[0]
-            x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
             width = module.weight.numel()
             d = delta[0].movedim(bd + 1, 1)                       # (K, n, ..., *normalized)
             k, n = d.shape[:2]
-            d = d.reshape(k, n, -1, width)
-            parts = []
-            if "weight" in layer.params:
-                x_t = x_hat.movedim(bd, 0).reshape(n, -1, width)
-                parts.append(torch.einsum("antw,ntw->naw", d, x_t))
-            if "bias" in layer.params:
-                parts.append(d.sum(2).transpose(0, 1))
-            g = torch.cat(parts, dim=2)
+            x_hat = lambda: F.layer_norm(  # noqa: E731
+                x, module.normalized_shape, None, None, module.eps
+            ).movedim(bd, 0).reshape(n, -1, width)
+            g = _entrywise_gradients(layer, d.reshape(k, n, -1, width), x_hat)
             total = g if total is None else total + g
         return total
 
@@ -76,14 +71,9 @@ class ChannelNormRule(Rule):
             x = call.inputs()[0]
             n, c = x.shape[:2]
             k = delta[0].shape[0]
-            d = delta[0].reshape(k, n, c, -1)
-            parts = []
-            if "weight" in layer.params:
-                x_hat = _normalised(module, x).reshape(n, c, -1)
-                parts.append(torch.einsum("anct,nct->nac", d, x_hat))
-            if "bias" in layer.params:
-                parts.append(d.sum(3).transpose(0, 1))
-            g = torch.cat(parts, dim=2)
+            d = delta[0].reshape(k, n, c, -1).transpose(2, 3)      # (K, n, T, C)
+            x_hat = lambda: _normalised(module, x).reshape(n, c, -1).transpose(1, 2)  # noqa: E731
+            g = _entrywise_gradients(layer, d, x_hat)
             total = g if total is None else total + g
         return total
 
@@ -122,6 +112,17 @@ class EmbeddingRule(Rule):
 
 
 # Internal helpers
+
+def _entrywise_gradients(layer: Layer, d: Tensor, x_hat) -> Tensor:
+    """Tensor[n, K, P_l] of ``z = x̂ ⊙ w + b`` from δ ``d`` (K, n, T, W) and a function giving
+    x̂ (n, T, W) (called only when the weight is trainable): ``Σ_t δ_t ⊙ x̂_t``, ``Σ_t δ_t``."""
+    parts = []
+    if "weight" in layer.params:
+        parts.append(torch.einsum("antw,ntw->naw", d, x_hat()))
+    if "bias" in layer.params:
+        parts.append(d.sum(2).transpose(0, 1))
+    return torch.cat(parts, dim=2)
+
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
     """x̂ of a GroupNorm or an eval-mode BatchNorm (before its affine weight and bias)."""

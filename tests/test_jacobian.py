@@ -127,7 +127,7 @@ def test_recurrent_model_decides_once_per_model():
     engine = JacobianNTK(model, checks.check_model(model))
     calls = _count_calls(engine.jacobian, "_vmap_raw")
     x = _sequences(7)
-    j = torch.cat([engine.factors(x[i:i + 3]) for i in range(0, 7, 3)])
+    j = torch.cat([engine.jacobian(x[i:i + 3]) for i in range(0, 7, 3)])
     assert calls == [1], "vmap was tried again after it failed"
     assert engine.vmap is False and "Error" in engine.jacobian.vmap_error
     assert_close(j, _reference_jacobian(model, x), torch.float64, "autograd path, 3 blocks")

@@ -333,7 +333,7 @@ class _FactorCache:
             return self.kept[j]
         with _no_autocast():
             factors = self.engine.factors(self.x[self.blocks[j]])
-        size = _nbytes(factors)
+        size = factors.nbytes()
         if self.bytes + size <= self.budget:
             self.kept[j] = factors
             self.bytes += size
@@ -341,13 +341,7 @@ class _FactorCache:
 
     def drop(self, j: int) -> None:
         if j in self.kept:
-            self.bytes -= _nbytes(self.kept.pop(j))
-
-
-def _nbytes(factors) -> int:
-    if isinstance(factors, Tensor):
-        return factors.numel() * factors.element_size()
-    return sum(t.numel() * t.element_size() for t in (*factors.h, *factors.d))
+            self.bytes -= self.kept.pop(j).nbytes()
 
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()

@@ -1,8 +1,9 @@
 """method="jacobian": the torch.func reference (functional_call + vmap(jacrev)).
 
 Works for any model whose samples don't interact. Per block of inputs it forms the
-per-sample Jacobian ``J (n, K, P)`` and contracts it; memory is ``O(n·K·P)`` per block,
-so callers tile the inputs.
+per-sample Jacobian ``J (n, K, P)``, one block per parameter, and contracts it with the
+Gram-sum op (the Jacobian as per-sample gradients); memory is ``O(n·K·P)`` per block, so
+callers tile the inputs.
 
 Models that ``torch.func.vmap`` cannot run (e.g. ``nn.RNN``/``nn.GRU``/``nn.LSTM``, whose
 kernels have no batching rule, or forwards that call ``.item()``) get the same Jacobian from
@@ -21,12 +22,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from torch_ntk.empirical import checks
+from torch_ntk.empirical.factors import Factors, contract
 
 _SEEDS = 32  # reverse passes batched together by the autograd path (samples per chunk × K)
 
 
 class JacobianNTK:
-    """Reference NTK engine: factors are per-sample Jacobians, contracted with einsum."""
+    """Reference NTK engine: factors are per-sample Jacobians, contracted by ``gram_sum``
+    (one entry per parameter; the upper triangle only for a symmetric block)."""
 
     name = "jacobian"
 
@@ -45,14 +48,16 @@ class JacobianNTK:
         itemsize = next(iter(self.params.values())).element_size()
         return k * self.num_params * itemsize
 
-    def factors(self, x: Tensor) -> Tensor:
-        """Tensor[n, K, P]: ∂f_a(x_n)/∂θ_p over the trainable parameters."""
-        return self.jacobian(x)
+    def factors(self, x: Tensor) -> Factors:
+        """The per-parameter Jacobians ∂f_a(x_n)/∂θ (Tensor[n, K, P_θ]) as gram_sum entries."""
+        out = Factors()
+        out.add_gradients(self.jacobian.blocks(x))
+        return out
 
-    def contract(self, j1: Tensor, j2: Tensor, mode: str, out: Tensor,
+    def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,
                  symmetric: bool = False) -> Tensor:
         """Writes Σ_p J1[n, a, p] J2[m, b, p] (reduced per ``mode``) into ``out``."""
-        return out.copy_(contract_jacobians(j1, j2, mode))
+        return contract(f1, f2, mode, out, symmetric)
 
 
 class PerSampleJacobian:
@@ -88,11 +93,15 @@ class PerSampleJacobian:
         Returns:
             Tensor[n, K, P]: P = total size of the parameters (in their order, each flattened).
         """
+        return torch.cat(self.blocks(x), dim=2)
+
+    def blocks(self, x: Tensor) -> list[Tensor]:
+        """The Jacobian per parameter, in order: Tensor[n, K, P_θ] each (θ flattened)."""
         if self.vmap is None:
             return self._decide(x)
         return self._vmapped(x) if self.vmap else self._autograd(x)
 
-    def _decide(self, x: Tensor) -> Tensor:
+    def _decide(self, x: Tensor) -> list[Tensor]:
         try:
             raw = self._vmap_raw(x)
         except torch.OutOfMemoryError:
@@ -108,7 +117,7 @@ class PerSampleJacobian:
             _NOT_VMAPPABLE[self.model] = error
         return jac
 
-    def _vmapped(self, x: Tensor) -> Tensor:
+    def _vmapped(self, x: Tensor) -> list[Tensor]:
         return self._assemble(*self._vmap_raw(x), x.shape[0])
 
     def _vmap_raw(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -125,13 +134,13 @@ class PerSampleJacobian:
         with torch.no_grad():
             return vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(detached, x)
 
-    def _assemble(self, jac: dict[str, Tensor], f: Tensor, n: int) -> Tensor:
+    def _assemble(self, jac: dict[str, Tensor], f: Tensor, n: int) -> list[Tensor]:
         f = checks.check_output(f, n, "these inputs")
         k = f.shape[1]
-        return torch.cat([jac[name].reshape(n, k, -1) for name in self.params], dim=2)
+        return [jac[name].reshape(n, k, -1) for name in self.params]
 
-    def _autograd(self, x: Tensor) -> Tensor:
-        """Plain autograd over chunks of samples: Tensor[n, K, P].
+    def _autograd(self, x: Tensor) -> list[Tensor]:
+        """Plain autograd over chunks of samples, per parameter: Tensor[n, K, P_θ].
 
         The first chunk is one sample (it tells K); later ones hold ``_SEEDS // K`` samples.
         """
@@ -140,10 +149,11 @@ class PerSampleJacobian:
             size = max(1, _SEEDS // self._k) if self._k else 1
             chunks.append(self._chunk_jacobian(x[start:start + size]))
             start += size
-        return torch.cat(chunks)
+        return [torch.cat(per_chunk) for per_chunk in zip(*chunks)]
 
-    def _chunk_jacobian(self, xc: Tensor) -> Tensor:
-        """Tensor[m, K, P] of a chunk xc (Tensor[m, *in_shape]) from one batched forward.
+    def _chunk_jacobian(self, xc: Tensor) -> list[Tensor]:
+        """Tensor[m, K, P_θ] per parameter of a chunk xc (Tensor[m, *in_shape]), from one
+        batched forward.
 
         Samples don't interact (empirical_ntk checks it), so the gradient of output ``a`` of
         sample ``i`` in the batched forward is that sample's own: one reverse pass per pair
@@ -155,10 +165,10 @@ class PerSampleJacobian:
             f = checks.check_output(self.model(xc), m, "these inputs")
             self._k = k = f.shape[1]
             if not f.requires_grad:  # the output doesn't depend on these parameters
-                return f.new_zeros(m, k, sum(p.numel() for p in tensors))
+                return [f.new_zeros(m, k, p.numel()) for p in tensors]
             seeds = torch.eye(m * k, dtype=f.dtype, device=f.device).reshape(m * k, m, k)
             grads = self._seeded_gradients(f, tensors, seeds)
-        return torch.cat([g.reshape(m, k, -1) for g in grads], dim=2).detach()
+        return [g.reshape(m, k, -1).detach() for g in grads]
 
     def _seeded_gradients(self, f: Tensor, tensors: list[Tensor],
                           seeds: Tensor) -> list[Tensor]:
@@ -193,20 +203,6 @@ def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
         Tensor[n, K, P]: P = total size of ``params`` (in insertion order, each flattened).
     """
     return PerSampleJacobian(model, params)(x)
-
-
-def contract_jacobians(j1: Tensor, j2: Tensor, mode: str) -> Tensor:
-    """NTK block from two Jacobian blocks J1 (N1, K, P), J2 (N2, K, P).
-
-    Returns:
-        Tensor: ``"full"`` -> [N1, N2, K, K], ``"trace"`` -> [N1, N2],
-        ``"diagonal"`` -> [N1, N2, K].
-    """
-    if mode == "full":
-        return torch.einsum("nap,mbp->nmab", j1, j2)
-    if mode == "trace":
-        return torch.einsum("nap,map->nm", j1, j2)
-    return torch.einsum("nap,map->nma", j1, j2)
 
 
 # Internal helpers

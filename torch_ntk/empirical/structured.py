@@ -15,7 +15,6 @@ factorised kernel equals autograd's on pairs of distinct samples (``verify``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
@@ -23,26 +22,10 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torch_ntk import _modes
 from torch_ntk.empirical import checks, jacobian
+from torch_ntk.empirical.factors import Factors, contract
 from torch_ntk.empirical.rules import Call, Layer, rule_for
 from torch_ntk.empirical.rules.base import input_tensors, output_tensors
-from torch_ntk.native.gram import gram_sum
-
-
-@dataclass
-class Factors:
-    """Per-block factors: gram_sum entries ``(h Tensor[n, p], d Tensor[n, K, q], c)``.
-
-    ``group[l]`` is -1 for an entry that pairs with itself across the two sides, or the id of
-    a set of entries (one per position of a layer) that pair with every entry of the set:
-    ``Σ_{t,t'} (h_t·h'_t' + c)(d_t·d'_t')``.
-    """
-
-    h: list[Tensor] = field(default_factory=list)
-    d: list[Tensor] = field(default_factory=list)
-    c: list[float] = field(default_factory=list)
-    group: list[int] = field(default_factory=list)
 
 
 class StructuredNTK:
@@ -152,31 +135,19 @@ class StructuredNTK:
                 entries = layer.rule.gram_factors(layer, recorded[0], per_call[0])
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
                 for h, d, c in entries:
-                    out.h.append(h.detach())
-                    out.d.append(d.detach())
-                    out.c.append(c)
-                    out.group.append(group)
+                    out.add(h.detach(), d.detach(), c, group)
             else:
                 pooled.append(
                     layer.rule.per_sample_gradients(layer, recorded, per_call).detach())
         if self.foreign:
-            pooled.append(jacobian.per_sample_jacobian(self.model, self.foreign, x))
-        if pooled:
-            out.h.append(x.new_empty(n, 0, dtype=pooled[0].dtype))
-            out.d.append(torch.cat(pooled, dim=2))
-            out.c.append(1.0)
-            out.group.append(-1)
+            pooled.extend(jacobian.PerSampleJacobian(self.model, self.foreign).blocks(x))
+        out.add_gradients(pooled)
         return out
 
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,
                  symmetric: bool = False) -> Tensor:
         """Writes the kernel block between two factor sets into ``out``."""
-        if all(g < 0 for g in f1.group):
-            return gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out,
-                            symmetric=symmetric)
-        h1, h2, d1, d2, c = _pair_positions(f1, f2)
-        gram_sum(h1, h2, d1, d2, c, mode=mode, out=out)
-        return out.copy_(_modes.mirror_upper(out, mode)) if symmetric else out
+        return contract(f1, f2, mode, out, symmetric)
 
     def verify(self, xs: Tensor, projections: int = 2) -> float:
         """Relative error of the structured kernel on a few samples against plain autograd.
@@ -415,23 +386,6 @@ def _same_row(alone: Call, batched: Call, row: int) -> bool:
         elif not torch.equal(a, ref):
             return False
     return True
-
-
-def _pair_positions(f1: Factors, f2: Factors) -> tuple[list, list, list, list, list]:
-    """gram_sum entries with every position of a group paired with every other one."""
-    h1, h2, d1, d2, c = [], [], [], [], []
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(f1.group):
-        members.setdefault(g, []).append(i)
-    for g, idx in members.items():
-        pairs = [(i, i) for i in idx] if g < 0 else [(i, j) for i in idx for j in idx]
-        for i, j in pairs:
-            h1.append(f1.h[i])
-            h2.append(f2.h[j])
-            d1.append(f1.d[i])
-            d2.append(f2.d[j])
-            c.append(f1.c[i])
-    return h1, h2, d1, d2, c
 
 
 def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:

@@ -16,26 +16,36 @@
 namespace torch_ntk {
 namespace {
 
-// One layer's factors in canonical layout: h (N, p) and d (N, K, q), both contiguous.
+// One layer's factors: h (N, p) contiguous; d (N, K, q) contiguous for the full kernel, else
+// any layout with unit stride along q (e.g. a (K, N, q) tensor seen as (N, K, q)).
 struct Layer {
   at::Tensor h1, h2, d1, d2;
   double c;
   int64_t p, q;
+  bool flat;  // d1 and d2 contiguous: the trace is one GEMM over K*q
 };
 
 struct Tile {
   int64_t n0, tn, m0, tm;
 };
 
+// d as the kernel reads it: contiguous for the full kernel; for the trace and the diagonal any
+// layout whose rows along q are unit-stride (a transposing copy would cost more than it saves).
+at::Tensor gradient_factor(const at::Tensor& d, GramMode mode) {
+  if (mode != GramMode::Full && (d.stride(2) == 1 || d.size(2) == 1)) return d;
+  return d.contiguous();
+}
+
 std::vector<Layer> canonical_layers(at::TensorList h1, at::TensorList h2, at::TensorList d1,
-                                    at::TensorList d2, at::ArrayRef<double> c) {
+                                    at::TensorList d2, at::ArrayRef<double> c, GramMode mode) {
   std::vector<Layer> layers;
   for (size_t l = 0; l < h1.size(); ++l) {
     if (d1[l].size(2) == 0) continue;  // q = 0: the layer contributes nothing
-    at::Tensor h1c = h1[l].contiguous(), d1c = d1[l].contiguous();
+    at::Tensor h1c = h1[l].contiguous(), d1c = gradient_factor(d1[l], mode);
     at::Tensor h2c = h2[l].is_same(h1[l]) ? h1c : h2[l].contiguous();
-    at::Tensor d2c = d2[l].is_same(d1[l]) ? d1c : d2[l].contiguous();
-    layers.push_back({h1c, h2c, d1c, d2c, c[l], h1[l].size(1), d1[l].size(2)});
+    at::Tensor d2c = d2[l].is_same(d1[l]) ? d1c : gradient_factor(d2[l], mode);
+    const bool flat = d1c.is_contiguous() && d2c.is_contiguous();
+    layers.push_back({h1c, h2c, d1c, d2c, c[l], h1[l].size(1), d1[l].size(2), flat});
   }
   return layers;
 }
@@ -192,10 +202,18 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
           else if (unit) add_full<scalar_t, false, true>(out_tile, st, gh, c, gd, tn, tm, k);
           else add_full<scalar_t, false, false>(out_tile, st, gh, c, gd, tn, tm, k);
         } else {
-          if (mode == GramMode::Trace) {
+          if (mode == GramMode::Trace && ly.flat) {
             at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
             at::mm_out(gd_t, ly.d1.view({-1, k * ly.q}).narrow(0, tile.n0, tn),
                        ly.d2.view({-1, k * ly.q}).narrow(0, tile.m0, tm).t());
+          } else if (mode == GramMode::Trace) {  // Σ_a D1_a D2_aᵀ, one GEMM per output
+            at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
+            for (int64_t a = 0; a < k; ++a) {
+              at::Tensor d1a = ly.d1.select(1, a).narrow(0, tile.n0, tn);
+              at::Tensor d2a = ly.d2.select(1, a).narrow(0, tile.m0, tm).t();
+              if (a == 0) at::mm_out(gd_t, d1a, d2a);
+              else gd_t.addmm_(d1a, d2a);
+            }
           } else {
             for (int64_t a = 0; a < k; ++a) {
               at::Tensor gd_t = gd_buf.narrow(0, a * tn * tm, tn * tm).view({tn, tm});
@@ -227,7 +245,7 @@ void gram_sum_out_cpu(at::TensorList h1, at::TensorList h2, at::TensorList d1,
   const char* op = "gram_sum_out";
   const GramMode m = parse_mode(std::string(mode), op);
   const int64_t k = check_gram_inputs(op, h1, h2, d1, d2, c, m, out);
-  run_cpu(canonical_layers(h1, h2, d1, d2, c), m, k, out, false);
+  run_cpu(canonical_layers(h1, h2, d1, d2, c, m), m, k, out, false);
 }
 
 void gram_sum_sym_out_cpu(at::TensorList h, at::TensorList d, at::ArrayRef<double> c,
@@ -235,7 +253,7 @@ void gram_sum_sym_out_cpu(at::TensorList h, at::TensorList d, at::ArrayRef<doubl
   const char* op = "gram_sum_sym_out";
   const GramMode m = parse_mode(std::string(mode), op);
   const int64_t k = check_gram_sym_inputs(op, h, d, c, m, out);
-  run_cpu(canonical_layers(h, h, d, d, c), m, k, out, true);
+  run_cpu(canonical_layers(h, h, d, d, c, m), m, k, out, true);
 }
 
 }  // namespace

@@ -154,8 +154,7 @@ class StructuredNTK:
 
         For random coefficients ``c[n, a]`` the quadratic form ``Σ c_na c_mb Θ(x_n, x_m)_ab``
         over all pairs of the S samples and all K outputs equals ``‖∇_θ Σ c_na f_a(x_n)‖²``:
-        one reverse pass of the model per projection, accumulated in float64, and no
-        Jacobian. A wrong factorisation (a parameter also used outside its layer, for some
+        one batched reverse pass of the model for all projections, and no Jacobian. A wrong factorisation (a parameter also used outside its layer, for some
         samples only, or a layer whose share is miscomputed) changes the form for almost
         every ``c``. The structured side projects the factors on ``c`` first (K = 1).
 
@@ -172,22 +171,17 @@ class StructuredNTK:
         gen = torch.Generator(device=xs.device).manual_seed(1234)
         with torch.enable_grad():
             f = self.model(xs).reshape(s, -1)
+        cs = torch.randn((projections,) + f.shape, generator=gen, device=xs.device,
+                         dtype=f.dtype)
+        wants = _projected_squared_norms(f, params, cs)
         worst = 0.0
-        for i in range(projections):
-            c = torch.randn(f.shape, generator=gen, device=xs.device, dtype=f.dtype)
+        for c, want in zip(cs, wants):
             projected = [torch.einsum("nkq,nk->nq", d, c).unsqueeze(1) for d in factors.d]
             gram = torch.empty(s, s, dtype=f.dtype, device=xs.device)
             both = Factors(factors.h, projected, factors.c, factors.group)
             self.contract(both, both, "trace", gram)
             got = float(gram.double().sum())
             bound = float(gram.double().diagonal().clamp_min(0).sqrt().sum()) ** 2
-            if f.requires_grad:
-                grads = torch.autograd.grad((f * c).sum(), params, retain_graph=i + 1 < projections,
-                                            allow_unused=True, materialize_grads=True)
-                want = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
-                           for g in grads)
-            else:
-                want = 0.0
             scale = max(bound, abs(want))
             if scale > 0:
                 worst = max(worst, abs(got - want) / scale)
@@ -386,6 +380,30 @@ def _same_row(alone: Call, batched: Call, row: int) -> bool:
         elif not torch.equal(a, ref):
             return False
     return True
+
+
+def _projected_squared_norms(f: Tensor, params: list[Tensor], cs: Tensor) -> list[float]:
+    """``‖∇_θ Σ c_na f_a(x_n)‖²`` for each ``c`` in cs (Tensor[C, S, K]): one batched reverse
+    pass (one per projection where a backward lacks a batching rule), squared norms by BLAS
+    dots (half precision widened to float32 so they can't overflow)."""
+    if not f.requires_grad:  # the output doesn't depend on any parameter
+        return [0.0] * cs.shape[0]
+    grad = dict(allow_unused=True, materialize_grads=True)
+    try:
+        grads = torch.autograd.grad(f, params, cs, is_grads_batched=True, retain_graph=True,
+                                    **grad)
+    except RuntimeError:
+        grads = [torch.stack(g) for g in zip(*(
+            torch.autograd.grad(f, params, c, retain_graph=True, **grad) for c in cs))]
+    total = torch.zeros(cs.shape[0], dtype=torch.float64, device=f.device)
+    for g, p in zip(grads, params):
+        if g.shape == p.shape:  # unused: materialised without the projection axis, zeros
+            continue
+        v = g.reshape(cs.shape[0], 1, -1)
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.float()
+        total += torch.bmm(v, v.transpose(1, 2)).reshape(-1)
+    return total.tolist()
 
 
 def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:

@@ -53,7 +53,7 @@ class LinearRule(Rule):
         elif alpha != 1.0:
             h = h * alpha
         c = beta ** 2 if "bias" in layer.params else 0.0
-        return [(h.contiguous(), delta[0].transpose(0, 1).contiguous(), c)]
+        return [(h.contiguous(), delta[0].transpose(0, 1), c)]  # the op copies d if needed
 
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:

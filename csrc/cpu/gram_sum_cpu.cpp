@@ -77,6 +77,27 @@ std::vector<Tile> make_tiles(int64_t n1, int64_t n2, int64_t t, bool sym) {
   return tiles;
 }
 
+// out (+)= a bᵀ for a (rows, q), b (cols, q), out (rows, cols); `per` rows per sample. On a
+// diagonal tile of a symmetric output (`diag`: a and b hold the same samples) the block below
+// the diagonal is skipped: mirror_tile overwrites those entries, and a quarter of the tile's
+// multiply-adds are saved. What the skipped block then holds is never read into the result.
+void tile_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t per,
+             bool diag, bool accumulate) {
+  auto mm = [accumulate](const at::Tensor& o, const at::Tensor& x, const at::Tensor& y) {
+    if (accumulate) o.addmm_(x, y.t());
+    else at::mm_out(const_cast<at::Tensor&>(o), x, y.t());
+  };
+  const int64_t rows = out.size(0), samples = rows / per;
+  if (!diag || samples < 16) {
+    mm(out, a, b);
+    return;
+  }
+  const int64_t h = (samples / 2) * per;
+  mm(out.narrow(0, 0, h), a.narrow(0, 0, h), b);
+  mm(out.narrow(0, h, rows - h).narrow(1, h, rows - h), a.narrow(0, h, rows - h),
+     b.narrow(0, h, rows - h));
+}
+
 // out[i, j, a, b] (+)= (gh[i, j] + c) * gd[i*K + a, j*K + b] over the tile.
 template <typename scalar_t, bool kFirst, bool kUnitStride>
 void add_full(scalar_t* out, const int64_t* st, const scalar_t* gh, scalar_t c,
@@ -182,20 +203,22 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
       const Tile& tile = tiles[ti];
       const int64_t tn = tile.tn, tm = tile.tm;
       scalar_t* out_tile = out_base + tile.n0 * st[0] + tile.m0 * st[1];
+      const bool diag = sym && tile.n0 == tile.m0;
       bool first = true;
       for (const Layer& ly : layers) {
         const scalar_t* gh = nullptr;
         if (ly.p > 0) {
           at::Tensor gh_t = gh_buf.narrow(0, 0, tn * tm).view({tn, tm});
-          at::mm_out(gh_t, ly.h1.narrow(0, tile.n0, tn), ly.h2.narrow(0, tile.m0, tm).t());
+          tile_mm(gh_t, ly.h1.narrow(0, tile.n0, tn), ly.h2.narrow(0, tile.m0, tm), 1, diag,
+                  false);
           gh = gh_buf.data_ptr<scalar_t>();
         }
         const scalar_t c = static_cast<scalar_t>(ly.c);
         const scalar_t* gd = gd_buf.data_ptr<scalar_t>();
         if (mode == GramMode::Full) {
           at::Tensor gd_t = gd_buf.narrow(0, 0, tn * k * tm * k).view({tn * k, tm * k});
-          at::mm_out(gd_t, ly.d1.view({-1, ly.q}).narrow(0, tile.n0 * k, tn * k),
-                     ly.d2.view({-1, ly.q}).narrow(0, tile.m0 * k, tm * k).t());
+          tile_mm(gd_t, ly.d1.view({-1, ly.q}).narrow(0, tile.n0 * k, tn * k),
+                  ly.d2.view({-1, ly.q}).narrow(0, tile.m0 * k, tm * k), k, diag, false);
           const bool unit = st[3] == 1;
           if (first && unit) add_full<scalar_t, true, true>(out_tile, st, gh, c, gd, tn, tm, k);
           else if (first) add_full<scalar_t, true, false>(out_tile, st, gh, c, gd, tn, tm, k);
@@ -204,21 +227,19 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
         } else {
           if (mode == GramMode::Trace && ly.flat) {
             at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
-            at::mm_out(gd_t, ly.d1.view({-1, k * ly.q}).narrow(0, tile.n0, tn),
-                       ly.d2.view({-1, k * ly.q}).narrow(0, tile.m0, tm).t());
+            tile_mm(gd_t, ly.d1.view({-1, k * ly.q}).narrow(0, tile.n0, tn),
+                    ly.d2.view({-1, k * ly.q}).narrow(0, tile.m0, tm), 1, diag, false);
           } else if (mode == GramMode::Trace) {  // Σ_a D1_a D2_aᵀ, one GEMM per output
             at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
             for (int64_t a = 0; a < k; ++a) {
-              at::Tensor d1a = ly.d1.select(1, a).narrow(0, tile.n0, tn);
-              at::Tensor d2a = ly.d2.select(1, a).narrow(0, tile.m0, tm).t();
-              if (a == 0) at::mm_out(gd_t, d1a, d2a);
-              else gd_t.addmm_(d1a, d2a);
+              tile_mm(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
+                      ly.d2.select(1, a).narrow(0, tile.m0, tm), 1, diag, a > 0);
             }
           } else {
             for (int64_t a = 0; a < k; ++a) {
               at::Tensor gd_t = gd_buf.narrow(0, a * tn * tm, tn * tm).view({tn, tm});
-              at::mm_out(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
-                         ly.d2.select(1, a).narrow(0, tile.m0, tm).t());
+              tile_mm(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
+                      ly.d2.select(1, a).narrow(0, tile.m0, tm), 1, diag, false);
             }
           }
           if (first) add_small<scalar_t, true>(out_tile, st, gh, c, gd, tn, tm, kd);

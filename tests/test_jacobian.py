@@ -61,6 +61,30 @@ def _assert_intact(model: nn.Module, before: list[tuple[str, object]]) -> None:
         assert type(q) is nn.Parameter and q.grad is None, name
 
 
+# The contraction: per-parameter blocks, narrow ones pooled, through the Gram-sum op
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_jacobian_blocks_contract_exactly(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 80), nn.Tanh(),
+                          nn.Linear(80, 3)).to(dtype)
+    x1, x2 = torch.randn(13, 5, dtype=dtype), torch.randn(6, 5, dtype=dtype)
+    engine = JacobianNTK(model, checks.check_model(model))
+    widths = sorted(d.shape[2] for d in engine.factors(x1).d)
+    assert widths == [5 * 64 + 64 + 80 + 80 * 3 + 3, 64 * 80], "wide block alone, narrow pooled"
+    ref_model = copy.deepcopy(model).double()
+    for other in (None, x2):
+        want = _reference_ntk(ref_model, x1.double(), (x1 if other is None else other).double())
+        for mode, reduce in (("full", lambda t: t), ("trace", lambda t: t.diagonal(
+                dim1=2, dim2=3).sum(-1)), ("diagonal", lambda t: t.diagonal(dim1=2, dim2=3))):
+            got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="jacobian",
+                                          batch_size=5)
+            assert_close(got, reduce(want).to(dtype), dtype, f"{mode}, x2={other is not None}")
+            if other is None:
+                assert torch.equal(got, got.transpose(0, 1) if mode != "full"
+                                   else got.permute(1, 0, 3, 2)), "not exactly symmetric"
+
+
 # Recurrent layers: exact kernels although torch.func.vmap can't run them
 
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])

@@ -236,6 +236,58 @@ def test_layernorm_and_embedding_rules():
     _check(model, x, torch.randint(0, 7, (3, 5)))
 
 
+class TwoLookups(nn.Module):
+    """One Embedding read twice (tokens and a second token stream), a padding row, 2-d tokens."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 5, padding_idx=3)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, t):
+        e = self.embed(t) + 0.5 * self.embed(t.flip(-1)).tanh()
+        return self.head(torch.tanh(e).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("vocab,tokens", [(400, 8), (6, 6)], ids=["sparse", "scatter"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_embedding_token_pairs_and_scatter_agree_with_reference(vocab, tokens, dtype):
+    """A large vocabulary with few distinct tokens: the share comes from matching pairs of
+    positions (token entries); a small one: from scatter-added per-sample gradients."""
+    torch.manual_seed(0)
+    model = TwoLookups(vocab).to(dtype)
+    x1, x2 = torch.randint(0, tokens, (13, 2, 4)), torch.randint(0, tokens, (5, 2, 4))
+    x1[0, 0, :] = 3                       # padding positions
+    engine = _engine(model, x1)
+    layer = next(l for l in engine.layers if l.rule.name == "embedding")
+    assert layer.rule.uses_tokens(layer) == (vocab == 400)
+    ref_model = TwoLookups(vocab).double()
+    ref_model.load_state_dict(model.state_dict())
+    for mode in ("full", "trace", "diagonal"):
+        for other in (None, x2):
+            ref = torch_ntk.empirical_ntk(ref_model, x1, other, mode=mode, method="jacobian")
+            got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="structured",
+                                          batch_size=4)
+            assert_close(got, ref.to(dtype), dtype, f"{mode}, x2={other is not None}")
+            if other is None:
+                assert torch.equal(got, got.transpose(0, 1) if mode != "full"
+                                   else got.permute(1, 0, 3, 2)), "not exactly symmetric"
+
+
+def test_token_pairs_in_small_chunks(monkeypatch):
+    """Matching pairs gathered a few at a time (one token matching more pairs than a chunk)."""
+    from torch_ntk.empirical import factors
+    monkeypatch.setattr(factors, "_PAIR_ELEMENTS", 7)
+    torch.manual_seed(1)
+    model = TwoLookups(3000).double()
+    x = torch.randint(0, 3, (9, 2, 3))
+    x[:, 0, 0] = 1                        # a token every sample holds
+    layer = next(l for l in _engine(model, x).layers if l.rule.name == "embedding")
+    assert layer.rule.uses_tokens(layer)
+    _check(model, x, torch.randint(0, 5, (4, 2, 3)), batch_size=5)
+    _check(model, x)
+
+
 @pytest.mark.parametrize("norm", [lambda: nn.BatchNorm2d(4), lambda: nn.GroupNorm(2, 4),
                                   lambda: nn.BatchNorm1d(4)])
 def test_channel_norm_rule(norm):

@@ -5,6 +5,10 @@ whose share of the kernel is ``(h·h' + c)(d_a·d'_b)``. Per-sample gradients (o
 columns) ``g Tensor[n, K, P]`` are the entry ``(empty, g, 1)``: their share is ``g_a·g'_b``.
 The contraction of every entry runs in one ``gram_sum`` call, which computes only the upper
 triangle of a symmetric block.
+
+Token entries ``(tokens Tensor[n, T], d Tensor[n, T, K, w])`` describe a lookup table (an
+Embedding) sparsely: its share is ``Σ_{t,t'} [tok_t = tok'_t'] (d_t,a · d'_t',b)``, a sum over
+the pairs of positions that read the same row, found by sorting (negative tokens read nothing).
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ class Factors:
     d: list[Tensor] = field(default_factory=list)
     c: list[float] = field(default_factory=list)
     group: list[int] = field(default_factory=list)
+    tokens: list[Tensor] = field(default_factory=list)
+    token_d: list[Tensor] = field(default_factory=list)
 
     def add(self, h: Tensor, d: Tensor, c: float, group: int = -1) -> None:
         self.h.append(h)
@@ -50,8 +56,14 @@ class Factors:
         for g in wide + narrow:
             self.add(g.new_empty(g.shape[0], 0), g, 1.0)
 
+    def add_tokens(self, tokens: Tensor, d: Tensor) -> None:
+        """Adds a token entry: tokens Tensor[n, T] (int64, -1: none), d Tensor[n, T, K, w]."""
+        self.tokens.append(tokens)
+        self.token_d.append(d)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.h, *self.d))
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.h, *self.d, *self.tokens, *self.token_d))
 
 
 def contract(f1: Factors, f2: Factors, mode: str, out: Tensor, symmetric: bool = False) -> Tensor:
@@ -63,14 +75,66 @@ def contract(f1: Factors, f2: Factors, mode: str, out: Tensor, symmetric: bool =
             ``"diagonal"`` -> Tensor[N1, N2, K].
         symmetric (bool): both sides are the same block; only the upper triangle is computed.
     """
-    if all(g < 0 for g in f1.group):
-        return gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out, symmetric=symmetric)
-    h1, h2, d1, d2, c = _pair_positions(f1, f2)
-    gram_sum(h1, h2, d1, d2, c, mode=mode, out=out)
-    return out.copy_(_modes.mirror_upper(out, mode)) if symmetric else out
+    grouped = any(g >= 0 for g in f1.group)
+    if not grouped:
+        gram_sum(f1.h, f2.h, f1.d, f2.d, f1.c, mode=mode, out=out, symmetric=symmetric)
+    else:
+        h1, h2, d1, d2, c = _pair_positions(f1, f2)
+        gram_sum(h1, h2, d1, d2, c, mode=mode, out=out)
+    for tok1, td1, tok2, td2 in zip(f1.tokens, f1.token_d, f2.tokens, f2.token_d):
+        _add_token_pairs(tok1, td1, tok2, td2, mode, out)
+    if symmetric and (grouped or f1.tokens):
+        out.copy_(_modes.mirror_upper(out, mode))
+    return out
 
 
 # Internal helpers
+
+_PAIR_ELEMENTS = 2 ** 24  # entries of d gathered at once per side when contracting tokens
+
+
+def _add_token_pairs(tok1: Tensor, d1: Tensor, tok2: Tensor, d2: Tensor, mode: str,
+                     out: Tensor) -> None:
+    """Adds ``Σ_{t,t'} [tok1[n, t] = tok2[m, t'] ≥ 0] d1[n, t] · d2[m, t']`` into ``out``.
+
+    Args:
+        tok1, tok2 (Tensor[N1, T1] / Tensor[N2, T2]): row indices (int64; negative: no row).
+        d1, d2 (Tensor[N1, T1, K, w] / Tensor[N2, T2, K, w]): the output gradients there.
+        mode (str), out (Tensor): as for ``contract``.
+    """
+    t1, t2 = tok1.shape[1], tok2.shape[1]
+    k, w = d1.shape[2], d1.shape[3]
+    flat1, flat2 = tok1.reshape(-1), tok2.reshape(-1)
+    rows1, rows2 = d1.reshape(-1, k, w), d2.reshape(-1, k, w)
+    order = torch.argsort(flat2, stable=True)
+    sorted2 = flat2[order]
+    lo = torch.searchsorted(sorted2, flat1, side="left")
+    counts = torch.searchsorted(sorted2, flat1, side="right") - lo
+    counts = torch.where(flat1 >= 0, counts, 0)
+    ends = torch.cumsum(counts, 0)
+    per_chunk = max(1, _PAIR_ELEMENTS // max(1, k * w))
+    start, done = 0, 0
+    while start < flat1.shape[0]:
+        stop = int(torch.searchsorted(ends, done + per_chunk, side="right"))
+        stop = min(max(stop, start + 1), flat1.shape[0])
+        c = counts[start:stop]
+        pairs = int(c.sum())
+        if pairs:
+            i = torch.repeat_interleave(torch.arange(start, stop, device=c.device), c)
+            offset = torch.arange(pairs, device=c.device) - torch.repeat_interleave(
+                torch.cumsum(c, 0) - c, c)
+            j = order[torch.repeat_interleave(lo[start:stop], c) + offset]
+            a, b = rows1[i], rows2[j]
+            if mode == "full":
+                vals = torch.bmm(a, b.transpose(1, 2))
+            elif mode == "trace":
+                vals = torch.einsum("pkw,pkw->p", a, b)
+            else:
+                vals = torch.einsum("pkw,pkw->pk", a, b)
+            out.index_put_((i // t1, j // t2), vals.to(out.dtype), accumulate=True)
+        done += pairs
+        start = stop
+
 
 def _pair_positions(f1: Factors, f2: Factors) -> tuple[list, list, list, list, list]:
     """gram_sum entries with every position of a group paired with every other one."""

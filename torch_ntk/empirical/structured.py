@@ -136,6 +136,9 @@ class StructuredNTK:
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
                 for h, d, c in entries:
                     out.add(h.detach(), d.detach(), c, group)
+            elif layer.rule.uses_tokens(layer):
+                tokens, d = layer.rule.token_factors(layer, recorded, per_call)
+                out.add_tokens(tokens, d.detach())
             else:
                 pooled.append(
                     layer.rule.per_sample_gradients(layer, recorded, per_call).detach())
@@ -177,8 +180,10 @@ class StructuredNTK:
         worst = 0.0
         for c, want in zip(cs, wants):
             projected = [torch.einsum("nkq,nk->nq", d, c).unsqueeze(1) for d in factors.d]
+            tokens_d = [torch.einsum("ntkw,nk->ntw", d, c).unsqueeze(2) for d in factors.token_d]
             gram = torch.empty(s, s, dtype=f.dtype, device=xs.device)
-            both = Factors(factors.h, projected, factors.c, factors.group)
+            both = Factors(factors.h, projected, factors.c, factors.group, factors.tokens,
+                           tokens_d)
             self.contract(both, both, "trace", gram)
             got = float(gram.double().sum())
             bound = float(gram.double().diagonal().clamp_min(0).sqrt().sum()) ** 2

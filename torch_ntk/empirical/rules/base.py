@@ -9,7 +9,9 @@ share of the kernel, in one of two forms the Gram-sum op contracts:
 - Gram factors ``(h Tensor[n, p], d Tensor[n, K, q], c)``, the share being
   ``(h·h' + c) (d_a·d'_b)`` (an affine layer called once per sample);
 - per-sample gradients ``Tensor[n, K, P_l]`` (anything else), the share being their inner
-  product over ``P_l``.
+  product over ``P_l``;
+- or, for a lookup table, token entries ``(tokens [n, T], d [n, T, K, w])``: the share is the
+  sum of ``d_t,a · d'_t',b`` over pairs of positions that read the same row.
 """
 from __future__ import annotations
 
@@ -86,6 +88,14 @@ class Rule:
     def gram_factors(self, layer: Layer, call: Call, delta: list[Tensor]
                      ) -> list[tuple[Tensor, Tensor, float]]:
         """Gram entries ``(h [n, p], d [n, K, q], c)`` of a layer with ``uses_gram``."""
+        raise NotImplementedError
+
+    def uses_tokens(self, layer: Layer) -> bool:
+        return False
+
+    def token_factors(self, layer: Layer, calls: list[Call], deltas: list[list[Tensor]]
+                      ) -> tuple[Tensor, Tensor]:
+        """Token entry ``(tokens [n, T], d [n, T, K, w])`` of a layer with ``uses_tokens``."""
         raise NotImplementedError
 
     def per_sample_gradients(self, layer: Layer, calls: list[Call],

@@ -5,8 +5,11 @@
 - GroupNorm and eval-mode BatchNorm ``z = x̂ ⊙ w[c] + b[c]`` per channel c (axis 1): the same
   sums over the positions of each channel; x̂ uses the sample's own group statistics
   (GroupNorm) or the running statistics (BatchNorm in eval mode).
-- Embedding ``z_t = E[token_t]``: row r of the per-sample gradient is the sum of ``δ_t`` over
-  the positions holding token r (a scatter-add); its kernel share counts equal tokens.
+- Embedding ``z_t = E[token_t]``: its share is ``Σ_{t,t'} [tok_t = tok'_t'] δ_t · δ'_t'``, a
+  sum over the pairs of positions holding the same token. Either as token entries (only the
+  matching pairs, found by sorting: ``K² w`` per match) or, where that costs more, as per-sample
+  gradients whose row r sums ``δ_t`` over the positions holding token r (a scatter-add,
+  ``K² V w`` per pair). The number of matches is estimated on the probe.
 
 Both avoid a vector-Jacobian product per sample and output.
 """
@@ -87,8 +90,27 @@ class EmbeddingRule(Rule):
                 and "weight" in module._parameters and not _has_hooks(module))
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:
-        return all(len(c.inputs()) == 1 and c.in_dims[0] == 0 and c.out_dims == [0]
-                   for c in calls)
+        if not all(len(c.inputs()) == 1 and c.in_dims[0] == 0 and c.out_dims == [0]
+                   for c in calls):
+            return False
+        tokens = torch.cat([_tokens(layer.module, c.inputs()[0]) for c in calls], dim=1)
+        layer.state["positions"] = tokens.shape[1]
+        layer.state["matches"] = _matches_per_pair(tokens)
+        return True
+
+    def uses_tokens(self, layer: Layer) -> bool:
+        vocab = layer.module.weight.shape[0]
+        return _TOKEN_PAIR_COST * layer.state.get("matches", float(vocab)) < vocab
+
+    def token_factors(self, layer: Layer, calls: list[Call], deltas: list[list[Tensor]]
+                      ) -> tuple[Tensor, Tensor]:
+        width = layer.module.weight.shape[1]
+        tokens, ds = [], []
+        for call, delta in zip(calls, deltas):
+            k, n = delta[0].shape[:2]
+            tokens.append(_tokens(layer.module, call.inputs()[0]))
+            ds.append(delta[0].reshape(k, n, -1, width).permute(1, 2, 0, 3))  # (n, T, K, w)
+        return torch.cat(tokens, dim=1), torch.cat(ds, dim=1).contiguous()
 
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
@@ -107,11 +129,43 @@ class EmbeddingRule(Rule):
         return total
 
     def cost(self, layer: Layer, k: int) -> tuple[float, float]:
-        size = layer.module.weight.numel()
-        return float(k * k * size), float(k * size * layer.module.weight.element_size())
+        vocab, width = layer.module.weight.shape
+        item = layer.module.weight.element_size()
+        if self.uses_tokens(layer):
+            positions = layer.state.get("positions", 1)
+            return (float(_TOKEN_PAIR_COST * layer.state["matches"] * k * k * width),
+                    float(positions * (k * width * item + 8)))
+        return float(k * k * vocab * width), float(k * vocab * width * item)
 
 
 # Internal helpers
+
+# A matching pair of positions costs about this many times its K² w multiply-adds (gathered
+# rows, small batched products, scatter-add) against the per-sample form's GEMM.
+_TOKEN_PAIR_COST = 8.0
+
+
+def _tokens(module: nn.Embedding, tokens: Tensor) -> Tensor:
+    """Tensor[n, T] int64 of one call's tokens, -1 at the padding index (no gradient there)."""
+    flat = tokens.reshape(tokens.shape[0], -1).long()
+    if module.padding_idx is not None:
+        flat = flat.masked_fill(flat == module.padding_idx, -1)
+    return flat
+
+
+def _matches_per_pair(tokens: Tensor) -> float:
+    """Expected pairs of positions holding the same (non-padding) token between two samples,
+    estimated on the distinct rows of the probe's tokens (Tensor[B, T]); self-pairs when there
+    is only one distinct row (an overestimate)."""
+    rows = torch.unique(tokens, dim=0)
+    equal = (rows[:, None, :, None] == rows[None, :, None, :]) & (rows[:, None, :, None] >= 0)
+    counts = equal.sum(dim=(2, 3)).double()
+    s = rows.shape[0]
+    if s < 2:
+        return float(counts.sum())
+    return float((counts.sum() - counts.diagonal().sum()) / (s * (s - 1)))
+
+
 
 def _entrywise_gradients(layer: Layer, d: Tensor, x_hat) -> Tensor:
     """Tensor[n, K, P_l] of ``z = x̂ ⊙ w + b`` from δ ``d`` (K, n, T, W) and a function giving

@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
                     "and the native Gram-sum kernel against its pure-torch twin; with "
                     "--models, on a zoo of models instead (mode full, one table per model).")
     bench.add_argument("--models", nargs="+", default=None,
-                       choices=["mlp", "cnn", "transformer", "resnet18", "gru"],
+                       choices=["mlp", "cnn", "transformer", "transformer-30k", "resnet18",
+                                "gru"],
                        help="model zoo run: auto/structured/jacobian/func-jacrev on these "
                             "models (default: the MLP suite only)")
     bench.add_argument("--sizes", type=int, nargs="+", default=None,
                        help="numbers of inputs N (default: 64 256 1024; with --models "
-                            "32 128 per model, resnet18 8 16)")
+                            "32 128 per model, resnet18 8 16, transformer-30k 32 64)")
     bench.add_argument("--modes", nargs="+", default=None,
                        choices=["full", "trace", "diagonal"],
                        help="kernel modes (default: full trace; with --models full)")

@@ -7,6 +7,8 @@
 - ``transformer``: Embedding(100, 64), a 2-layer TransformerEncoder (d = 64, 4 heads,
   feed-forward 128, dropout 0, batch-first), mean pooling over T = 16 tokens, Linear(64, 10);
   integer token inputs (N, 16).
+- ``transformer-30k``: the same with a 30,000-token vocabulary (an Embedding of 1.92 M
+  parameters, most of the model, as in real language models).
 - ``resnet18``: torchvision's ResNet-18 with 10 classes (eval mode, BatchNorm running stats);
   inputs (N, 3, 32, 32). Needs torchvision.
 - ``gru``: a 1-layer GRU (8 features, hidden 64, batch-first) over T = 16 steps and a
@@ -20,12 +22,12 @@ import torch
 from torch import nn
 
 MLP_WIDTHS = (64, 512, 512, 512, 10)
-MODELS = ("mlp", "cnn", "transformer", "resnet18", "gru")
+MODELS = ("mlp", "cnn", "transformer", "transformer-30k", "resnet18", "gru")
 K = 10
 # Default numbers of inputs per model (resnet18 is slow: every method forms large Jacobians).
 DEFAULT_SIZES = {"mlp": (32, 128), "cnn": (32, 128), "transformer": (32, 128),
-                 "resnet18": (8, 16), "gru": (32, 128)}
-_VOCAB, _TOKENS, _GRU_FEATURES = 100, 16, 8
+                 "transformer-30k": (32, 64), "resnet18": (8, 16), "gru": (32, 128)}
+_VOCAB, _BIG_VOCAB, _TOKENS, _GRU_FEATURES = 100, 30_000, 16, 8
 
 
 class TutorialCNN(nn.Module):
@@ -97,6 +99,8 @@ def build(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") ->
         model: nn.Module = TutorialCNN()
     elif name == "transformer":
         model = TinyTransformer()
+    elif name == "transformer-30k":
+        model = TinyTransformer(vocab=_BIG_VOCAB)
     elif name == "resnet18":
         model = _resnet18()
     elif name == "gru":
@@ -110,8 +114,9 @@ def inputs(name: str, n: int, dtype: torch.dtype = torch.float32, device: str = 
            seed: int = 1) -> torch.Tensor:
     """N seeded inputs for the zoo model ``name`` (integer tokens for the transformer)."""
     g = torch.Generator().manual_seed(seed)
-    if name == "transformer":
-        return torch.randint(0, _VOCAB, (n, _TOKENS), generator=g).to(device)
+    if name in ("transformer", "transformer-30k"):
+        vocab = _VOCAB if name == "transformer" else _BIG_VOCAB
+        return torch.randint(0, vocab, (n, _TOKENS), generator=g).to(device)
     shape = {"mlp": (MLP_WIDTHS[0],), "cnn": (3, 32, 32), "resnet18": (3, 32, 32),
              "gru": (_TOKENS, _GRU_FEATURES)}
     if name not in shape:
@@ -126,6 +131,7 @@ def describe(name: str) -> str:
             "cnn": "tutorial CNN 3x[Conv2d 3x3, 32] + Linear(21632, 10), 3x32x32 inputs",
             "transformer": "Embedding(100, 64) + 2-layer TransformerEncoder(64, 4 heads, "
                            "ff 128) + mean pool + Linear(64, 10), T=16 tokens",
+            "transformer-30k": "the transformer with Embedding(30000, 64)",
             "resnet18": "torchvision resnet18(num_classes=10), eval, 3x32x32 inputs",
             "gru": "GRU(8, 64) over T=16 + Linear(64, 10)"}[name]
     return f"{text}, P={p}"

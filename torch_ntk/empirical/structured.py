@@ -157,9 +157,10 @@ class StructuredNTK:
 
         For random coefficients ``c[n, a]`` the quadratic form ``Σ c_na c_mb Θ(x_n, x_m)_ab``
         over all pairs of the S samples and all K outputs equals ``‖∇_θ Σ c_na f_a(x_n)‖²``:
-        one batched reverse pass of the model for all projections, and no Jacobian. A wrong factorisation (a parameter also used outside its layer, for some
-        samples only, or a layer whose share is miscomputed) changes the form for almost
-        every ``c``. The structured side projects the factors on ``c`` first (K = 1).
+        one batched reverse pass of the model for all projections, and no Jacobian. A wrong
+        factorisation (a parameter also used outside its layer, for some samples only, or a
+        layer whose share is miscomputed) changes the form for almost every ``c``. The
+        structured side projects the factors on ``c`` first (K = 1).
 
         Args:
             xs (Tensor[S, *in_shape]): a few distinct samples.

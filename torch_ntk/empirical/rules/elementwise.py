@@ -157,32 +157,11 @@ def _matches_per_pair(tokens: Tensor) -> float:
     """Expected pairs of positions holding the same (non-padding) token between two samples,
     estimated on the distinct rows of the probe's tokens (Tensor[B, T]); self-pairs when there
     is only one distinct row (an overestimate)."""
-    rows = torch.unique(tokens, dim=0)
-    equal = (rows[:, None, :, None] == rows[None, :, None, :]) & (rows[:, None, :, None] >= 0)
-    counts = equal.sum(dim=(2, 3)).double()
-    s = rows.shape[0]
-    if s < 2:
-        return float(counts.sum())
-    return float((counts.sum() - counts.diagonal().sum()) / (s * (s - 1)))
-
-
-
-def _entrywise_gradients(layer: Layer, d: Tensor, x_hat) -> Tensor:
-    """Tensor[n, K, P_l] of ``z = x̂ ⊙ w + b`` from δ ``d`` (K, n, T, W) and a function giving
-    x̂ (n, T, W) (called only when the weight is trainable): ``Σ_t δ_t ⊙ x̂_t``, ``Σ_t δ_t``."""
-    parts = []
-    if "weight" in layer.params:
-        parts.append(torch.einsum("antw,ntw->naw", d, x_hat()))
-    if "bias" in layer.params:
-        parts.append(d.sum(2).transpose(0, 1))
-    return torch.cat(parts, dim=2)
-
-
-def _normalised(module: nn.Module, x: Tensor) -> Tensor:
-    """x̂ of a GroupNorm or an eval-mode BatchNorm (before its affine weight and bias)."""
-    if isinstance(module, nn.GroupNorm):
-        return F.group_norm(x, module.num_groups, None, None, module.eps)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = module.running_mean.reshape(shape)
-    var = module.running_var.reshape(shape)
-    return (x - mean) / torch.sqrt(var + module.eps)
+    rows = [r[r >= 0] for r in torch.unique(tokens, dim=0)]
+    pairs = [(i, j) for i in range(len(rows)) for j in range(len(rows)) if i != j] or [(0, 0)]
+    total = 0
+    for i, j in pairs:
+        other = torch.sort(rows[j]).values
+        total += int((torch.searchsorted(other, rows[i], right=True)
+                      - torch.searchsorted(other, rows[i])).sum())
+    return total / len(pairs)

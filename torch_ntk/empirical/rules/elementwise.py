@@ -165,3 +165,24 @@ def _matches_per_pair(tokens: Tensor) -> float:
         total += int((torch.searchsorted(other, rows[i], right=True)
                       - torch.searchsorted(other, rows[i])).sum())
     return total / len(pairs)
+
+
+def _entrywise_gradients(layer: Layer, d: Tensor, x_hat) -> Tensor:
+    """Tensor[n, K, P_l] of ``z = x̂ ⊙ w + b`` from δ ``d`` (K, n, T, W) and a function giving
+    x̂ (n, T, W) (called only when the weight is trainable): ``Σ_t δ_t ⊙ x̂_t``, ``Σ_t δ_t``."""
+    parts = []
+    if "weight" in layer.params:
+        parts.append(torch.einsum("antw,ntw->naw", d, x_hat()))
+    if "bias" in layer.params:
+        parts.append(d.sum(2).transpose(0, 1))
+    return torch.cat(parts, dim=2)
+
+
+def _normalised(module: nn.Module, x: Tensor) -> Tensor:
+    """x̂ of a GroupNorm or an eval-mode BatchNorm (before its affine weight and bias)."""
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = module.running_mean.reshape(shape)
+    var = module.running_var.reshape(shape)
+    return (x - mean) / torch.sqrt(var + module.eps)

@@ -77,6 +77,34 @@ def test_weight_used_elsewhere_for_some_samples_only():
         torch_ntk.empirical_ntk(model, x1, method="structured")
 
 
+class TiedHead(nn.Module):
+    """An MLP body between an Embedding and an output head that reuses the table (F.linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(9, 6)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                  nn.Linear(16, 6))
+
+    def forward(self, t):
+        h = self.body(self.embed(t).mean(1))
+        return nn.functional.linear(h, self.embed.weight)
+
+
+def test_layer_whose_weight_acts_elsewhere_goes_alone_to_the_jacobian():
+    torch.manual_seed(0)
+    model = TiedHead().double()
+    x1, x2 = torch.randint(0, 9, (7, 3)), torch.randint(0, 9, (4, 3))
+    _exact(model, x1, x2, methods=("auto",), modes=("full", "trace", "diagonal"))
+    _exact(model, x1, methods=("auto",), modes=("full", "diagonal"))
+    with torch_ntk.empirical.api.KernelPlan(model, x1, x2) as plan:
+        assert plan.engine.name == "structured"
+        assert [l.name for l in plan.engine.layers] == ["body.0", "body.2", "body.4"]
+        assert set(plan.engine.foreign) == {"embed.weight"}
+    with pytest.raises(ValueError, match="does not reproduce the model's own gradients"):
+        torch_ntk.empirical_ntk(model, x1, method="structured")
+
+
 class Centered(nn.Module):
     def __init__(self):
         super().__init__()

@@ -288,6 +288,38 @@ def test_token_pairs_in_small_chunks(monkeypatch):
     _check(model, x)
 
 
+class TwoTiedTables(nn.Module):
+    """Two Embeddings whose tables are also output heads; a Linear between them is innocent."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1, self.e2 = nn.Embedding(7, 4), nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+
+    def forward(self, t):
+        h = torch.tanh(self.mid(self.e1(t[:, 0]) + self.e2(t[:, 1])))
+        return nn.functional.linear(h, self.e1.weight) + nn.functional.linear(h, self.e2.weight)
+
+
+def test_isolate_finds_every_wrong_layer_or_leaves_them_all():
+    torch.manual_seed(0)
+    model = TwoTiedTables().double()
+    x = torch.randint(0, 7, (5, 2))
+    params = dict(model.named_parameters())
+    engine = StructuredNTK(model, params)
+    engine.plan(x)
+    names = [l.name for l in engine.layers]
+    assert names == ["e1", "e2", "mid"] and engine.verify(x[:3]) > 1e-9
+    assert engine.isolate(x[:3], 1e-9, max_checks=1) is None
+    assert [l.name for l in engine.layers] == names and engine.foreign == {}
+    assert sorted(engine.isolate(x[:3], 1e-9)) == ["e1", "e2"]
+    assert [l.name for l in engine.layers] == ["mid"]
+    assert set(engine.foreign) == {"e1.weight", "e2.weight"}
+    assert engine.verify(x[:3]) <= 1e-9
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    assert_close(torch_ntk.empirical_ntk(model, x), ref, torch.float64, "auto after isolation")
+
+
 @pytest.mark.parametrize("norm", [lambda: nn.BatchNorm2d(4), lambda: nn.GroupNorm(2, 4),
                                   lambda: nn.BatchNorm1d(4)])
 def test_channel_norm_rule(norm):

@@ -178,7 +178,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
     - structured: each layer's calls keep every sample on its own batch row (a layer that
       doesn't is handed to the Jacobian path under "auto", named in a ValueError under
       "structured"), and the factorised kernel equals autograd's on pairs of distinct samples
-      (else "auto" takes the Jacobian method).
+      (else "auto" hands the layers found wrong by bisection to the Jacobian path, or takes
+      the Jacobian method).
 
     Returns:
         (engine, K): K the number of outputs per sample.
@@ -201,9 +202,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
-        if (method == "auto" and engine.factorised and engine.pair_cost(f_probe.shape[1])
-                >= _STRUCTURED_SHARE * f_probe.shape[1] ** 2 * sum(
-                    p.numel() for p in params.values())):
+        if method == "auto" and engine.factorised and _too_costly(engine, params,
+                                                                   f_probe.shape[1]):
             engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
         with torch.no_grad():
@@ -233,7 +233,12 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     "batch on one axis; the trainable parameters live in "
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
             return _fallback(model, params, "no layer"), k
-        if engine.verify(samples) > _verify_tolerance(params):
+        tolerance = _verify_tolerance(params)
+        if engine.verify(samples) > tolerance:
+            if method == "auto" and engine.isolate(samples, tolerance) is not None:
+                if engine.factorised and not _too_costly(engine, params, k):
+                    return engine, k
+                return _fallback(model, params, "cost"), k
             if method == "structured":
                 raise ValueError(
                     "empirical_ntk: method='structured' does not reproduce the model's own "
@@ -243,6 +248,12 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     "hook). Use method='jacobian' or 'auto'.")
             return _fallback(model, params, "verify"), k
     return engine, f_probe.shape[1]
+
+
+def _too_costly(engine: StructuredNTK, params: dict[str, Tensor], k: int) -> bool:
+    """The cost model: the structured contraction saves too little over the Jacobian's."""
+    return engine.pair_cost(k) >= _STRUCTURED_SHARE * k * k * sum(
+        p.numel() for p in params.values())
 
 
 def _fallback(model: nn.Module, params: dict[str, Tensor], reason: str) -> JacobianNTK:

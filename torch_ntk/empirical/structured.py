@@ -86,6 +86,53 @@ class StructuredNTK:
         """Hands the named layers' parameters to the Jacobian path."""
         self._assign([l for l in self.layers if l.name not in names])
 
+    def isolate(self, xs: Tensor, tolerance: float, max_checks: int = 16) -> list[str] | None:
+        """Hands to the Jacobian path the layers whose share ``verify`` finds wrong.
+
+        Dropping layers never makes the kernel wrong (their parameters go to the exact
+        Jacobian path), so "verify passes once these layers are dropped" is monotone in the set,
+        and a culprit is found by bisection over the current layers in ``log2(L) + 1`` checks
+        (e.g. an Embedding whose table is also an output head through ``F.linear``). The state
+        left behind always passed ``verify``.
+
+        Args:
+            xs (Tensor[S, *in_shape]): the samples ``verify`` failed on.
+            tolerance (float): the relative error ``verify`` must stay within.
+            max_checks (int): ``verify`` calls allowed before giving up.
+        Returns:
+            list[str] or None: the layers dropped, or None (the layers are then unchanged)
+            when no proper subset of them passes within ``max_checks``.
+        """
+        layers = list(self.layers)
+        dropped: list[str] = []
+        checks_left = max_checks
+
+        def passes(extra: list[str]) -> bool:
+            nonlocal checks_left
+            checks_left -= 1
+            gone = set(dropped) | set(extra)
+            self._assign([l for l in layers if l.name not in gone])
+            return self.verify(xs) <= tolerance
+
+        while checks_left > 0:
+            remaining = [l.name for l in layers if l.name not in dropped]
+            lo, hi = 1, len(remaining)  # dropping all of them passes: the Jacobian alone
+            while lo < hi and checks_left > 0:
+                mid = (lo + hi) // 2
+                if passes(remaining[:mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo < hi:
+                break
+            dropped.append(remaining[lo - 1])
+            if len(dropped) == len(layers) or checks_left == 0:
+                break
+            if passes([]):
+                return dropped
+        self._assign(layers)
+        return None
+
     def check_rows(self, x: Tensor, row: int) -> tuple[list[str], object]:
         """Layers whose calls on ``x[row]`` alone differ from row ``row`` of the probe's calls.
 

@@ -19,6 +19,24 @@ def assert_close(actual, expected, dtype, msg=""):
                                msg=lambda m: f"{msg}: {m}")
 
 
+def autograd_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, K, P) by plain autograd: each sample alone, one output at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for xi in x:
+        f = model(xi.unsqueeze(0)).reshape(-1)
+        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            fa, params, retain_graph=True, allow_unused=True, materialize_grads=True)])
+            for fa in f]))
+    return torch.stack(rows)
+
+
+def autograd_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """(N1, N2, K, K) from the reference Jacobians."""
+    return torch.einsum("nap,mbp->nmab", autograd_jacobian(model, x1),
+                        autograd_jacobian(model, x2))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,32 +7,15 @@ from torch import nn
 
 import torch_ntk
 from torch_ntk.native import route
-from conftest import DEVICES, ZOO, assert_close, make
+from conftest import DEVICES, ZOO, assert_close, autograd_ntk, make
 
 MODES = ("full", "trace", "diagonal")
-
-
-def _brute_force_ntk(model, x1, x2):
-    """Θ from per-sample gradients by plain autograd, one output at a time: (N1, N2, K, K)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def grads(x):
-        rows = []
-        for xi in x:
-            f = model(xi.unsqueeze(0)).reshape(-1)
-            rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-                fa, params, retain_graph=True, allow_unused=True, materialize_grads=True)])
-                for fa in f]))
-        return torch.stack(rows)
-
-    j1, j2 = grads(x1), grads(x2)
-    return torch.einsum("nap,mbp->nmab", j1, j2)
 
 
 @pytest.mark.parametrize("name", ["mlp_tanh", "conv2d", "sequence", "embedding"])
 def test_jacobian_matches_brute_force(name):
     model, x1, x2 = make(name, torch.float64, 4, 3)
-    expected = _brute_force_ntk(model, x1, x2)
+    expected = autograd_ntk(model, x1, x2)
     actual = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian")
     assert_close(actual, expected, torch.float64, f"jacobian vs autograd on {name}")
 

@@ -13,28 +13,10 @@ from torch import nn
 import torch_ntk
 from torch_ntk.empirical import checks, jacobian
 from torch_ntk.empirical.jacobian import JacobianNTK, PerSampleJacobian
-from conftest import RecurrentModel, assert_close, make
+from conftest import RecurrentModel, assert_close, autograd_jacobian, autograd_ntk, make
 
 CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 METHODS = ("jacobian", "structured", "auto")
-
-
-def _reference_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, K, P) by plain autograd: each sample alone, one output at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for xi in x:
-        f = model(xi.unsqueeze(0)).reshape(-1)
-        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            fa, params, retain_graph=True, allow_unused=True, materialize_grads=True)])
-            for fa in f]))
-    return torch.stack(rows)
-
-
-def _reference_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """(N1, N2, K, K) from the reference Jacobians."""
-    return torch.einsum("nap,mbp->nmab", _reference_jacobian(model, x1),
-                        _reference_jacobian(model, x2))
 
 
 def _recurrent(cell: str, batch_first: bool, layers: int, bidirectional: bool) -> nn.Module:
@@ -74,7 +56,7 @@ def test_jacobian_blocks_contract_exactly(dtype):
     assert widths == [5 * 64 + 64 + 80 + 80 * 3 + 3, 64 * 80], "wide block alone, narrow pooled"
     ref_model = copy.deepcopy(model).double()
     for other in (None, x2):
-        want = _reference_ntk(ref_model, x1.double(), (x1 if other is None else other).double())
+        want = autograd_ntk(ref_model, x1.double(), (x1 if other is None else other).double())
         for mode, reduce in (("full", lambda t: t), ("trace", lambda t: t.diagonal(
                 dim1=2, dim2=3).sum(-1)), ("diagonal", lambda t: t.diagonal(dim1=2, dim2=3))):
             got = torch_ntk.empirical_ntk(model, x1, other, mode=mode, method="jacobian",
@@ -93,12 +75,12 @@ def test_jacobian_blocks_contract_exactly(dtype):
 def test_recurrent_jacobian_is_exact(cell, batch_first, layers, bidirectional):
     model = _recurrent(cell, batch_first, layers, bidirectional)
     x1, x2 = _sequences(4), _sequences(3)
-    expected = _reference_ntk(model, x1, x2)
+    expected = autograd_ntk(model, x1, x2)
     got = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian", batch_size=2)
     assert got.shape == (4, 3, 2, 2)
     assert_close(got, expected, torch.float64, f"{cell} jacobian vs autograd")
     sym = torch_ntk.empirical_ntk(model, x1, mode="trace", method="jacobian", batch_size=3)
-    want = _reference_ntk(model, x1, x1).diagonal(dim1=2, dim2=3).sum(-1)
+    want = autograd_ntk(model, x1, x1).diagonal(dim1=2, dim2=3).sum(-1)
     assert_close(sym, want, torch.float64, f"{cell} jacobian, x2=None, trace")
 
 
@@ -107,11 +89,11 @@ def test_recurrent_jacobian_is_exact(cell, batch_first, layers, bidirectional):
 def test_recurrent_structured_and_auto_are_exact(cell, method):
     model = _recurrent(cell, False, 2, True)
     x1, x2 = _sequences(3), _sequences(2)
-    expected = _reference_ntk(model, x1, x2)
+    expected = autograd_ntk(model, x1, x2)
     got = torch_ntk.empirical_ntk(model, x1, x2, method=method, batch_size=2)
     assert_close(got, expected, torch.float64, f"{cell}, method={method}")
     diag = torch_ntk.empirical_ntk(model, x1, mode="diagonal", method=method, batch_size=2)
-    want = _reference_ntk(model, x1, x1).diagonal(dim1=2, dim2=3)
+    want = autograd_ntk(model, x1, x1).diagonal(dim1=2, dim2=3)
     assert_close(diag, want, torch.float64, f"{cell}, method={method}, x2=None, diagonal")
 
 
@@ -154,7 +136,7 @@ def test_recurrent_model_decides_once_per_model():
     j = torch.cat([engine.jacobian(x[i:i + 3]) for i in range(0, 7, 3)])
     assert calls == [1], "vmap was tried again after it failed"
     assert engine.vmap is False and "Error" in engine.jacobian.vmap_error
-    assert_close(j, _reference_jacobian(model, x), torch.float64, "autograd path, 3 blocks")
+    assert_close(j, autograd_jacobian(model, x), torch.float64, "autograd path, 3 blocks")
     again = JacobianNTK(model, checks.check_model(model))
     assert again.vmap is False
     again_calls = _count_calls(again.jacobian, "_vmap_raw")
@@ -174,7 +156,7 @@ def test_autograd_path_matches_vmap_path(batched):
     got = forced(x)  # chunks of 1, 3, 3, 3, 2 samples (K = 10)
     assert forced._batched_grads is batched
     assert_close(got, want, torch.float64, f"autograd path, batched={batched}")
-    assert_close(got, _reference_jacobian(model, x), torch.float64, "autograd vs reference")
+    assert_close(got, autograd_jacobian(model, x), torch.float64, "autograd vs reference")
 
 
 class _Unused(nn.Module):
@@ -272,7 +254,7 @@ def test_per_sample_jacobian_keeps_shared_parameters(name):
     got = jacobian.per_sample_jacobian(model, checks.check_model(model), x)
     _assert_intact(model, before)
     copy.deepcopy(model)
-    assert_close(got, _reference_jacobian(model, x), torch.float64, f"Jacobian of {name}")
+    assert_close(got, autograd_jacobian(model, x), torch.float64, f"Jacobian of {name}")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -284,7 +266,7 @@ def test_shared_parameters_are_left_intact_and_exact(name, method):
     x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
     got = torch_ntk.empirical_ntk(model, x1, x2, method=method, batch_size=3)
     _assert_intact(model, before)
-    assert_close(got, _reference_ntk(model, x1, x2), torch.float64, f"{name}, {method}")
+    assert_close(got, autograd_ntk(model, x1, x2), torch.float64, f"{name}, {method}")
     copy.deepcopy(model)
     model(x1).sum().backward()
     twin(x1).sum().backward()

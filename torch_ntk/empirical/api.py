@@ -1,17 +1,13 @@
 """empirical_ntk(): validate, choose a method, tile over batch_size, fill ``out``."""
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torch_ntk import _modes
-from torch_ntk.empirical import checks
+from torch_ntk.empirical import checks, state
 from torch_ntk.empirical.jacobian import JacobianNTK
 from torch_ntk.empirical.structured import StructuredNTK, blocking_modules
 
@@ -107,15 +103,15 @@ class KernelPlan:
         self.model, self.x1, self.x2 = model, x1, x2
         self.mode, self.method, self.batch_size = mode, method, batch_size
         self.symmetric = x2 is None
-        self._state: _ModelState | None = None
+        self._state: state.ModelState | None = None
 
     def __enter__(self) -> "KernelPlan":
-        self._state = _ModelState(self.model)
+        self._state = state.ModelState(self.model)
         try:
             # Under the model's lock: another call may have parameters swapped out right now.
             self.params = checks.check_model(self.model)
             checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
-            with _no_autocast():
+            with state.no_autocast():
                 self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
                                                      self.method)
             x2 = self.x1 if self.x2 is None else self.x2
@@ -160,7 +156,7 @@ class KernelPlan:
 
     def _row_factors(self, i: int):
         if getattr(self, "_row", (None, None))[0] != i:
-            with _no_autocast():
+            with state.no_autocast():
                 self._row = (i, self.engine.factors(self.x1[self.rows[i]]))
         return self._row[1]
 
@@ -185,7 +181,7 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
         (engine, K): K the number of outputs per sample.
     """
     samples = _distinct_samples(x1, x2)
-    with checks.exact_matmul():
+    with state.exact_matmul():
         for size in _PROBE_SIZES:
             if size in x1.shape[1:]:
                 continue
@@ -270,20 +266,6 @@ def _original_module(model: nn.Module) -> nn.Module:
     return original if isinstance(original, nn.Module) else model
 
 
-@contextlib.contextmanager
-def _no_autocast():
-    """How every forward of a call runs: autocast off (the kernel is the model's in its
-    parameters' dtype) and attention through the math backend of scaled_dot_product_attention
-    (the fused CPU/GPU kernels have no batching rules, which makes batched reverse passes and
-    per-sample gradients fall back to slow loops; the math backend computes the same function)."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        yield
-
-
 def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
     """Up to 3 samples from x1 and x2 (first, last, middle), with two distinct at least.
 
@@ -342,7 +324,7 @@ class _FactorCache:
     def get(self, j: int):
         if j in self.kept:
             return self.kept[j]
-        with _no_autocast():
+        with state.no_autocast():
             factors = self.engine.factors(self.x[self.blocks[j]])
         size = factors.nbytes()
         if self.bytes + size <= self.budget:
@@ -353,46 +335,3 @@ class _FactorCache:
     def drop(self, j: int) -> None:
         if j in self.kept:
             self.bytes -= self.kept.pop(j).nbytes()
-
-
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-class _ModelState:
-    """Holds the model's lock and restores what a call must leave as it found it.
-
-    Calls on one model are serialised (hooks, probe forwards and torch.func's parameter swaps
-    act on the shared module); calls on different models run concurrently. Restored: every
-    module's registered parameters and buffers (a forward that reassigns ``self.n = ...``), the
-    buffers' values and every ``training`` flag.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        with _LOCKS_GUARD:
-            self.lock = _LOCKS.setdefault(model, threading.RLock())
-        self.lock.acquire()
-        try:
-            modules = list(model.modules())
-            self.registered = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
-            self.training = [(m, m.training) for m in modules]
-            self.values = [(b, b.detach().clone()) for b in model.buffers()]
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def restore(self) -> None:
-        try:
-            for module, params, buffers in self.registered:
-                for now, saved in ((module._parameters, params), (module._buffers, buffers)):
-                    if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
-                        now.clear()
-                        now.update(saved)
-            for module, flag in self.training:
-                module.training = flag
-            with torch.no_grad():
-                for buffer, saved in self.values:
-                    if not torch.equal(buffer, saved):  # an untouched buffer keeps its version
-                        buffer.copy_(saved)
-        finally:
-            self.lock.release()

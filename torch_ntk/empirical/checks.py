@@ -159,7 +159,7 @@ def rounding_tolerance(dtype: torch.dtype, width: int) -> float:
 
     Batched and single-sample matmuls may take different kernels and summation orders; their
     results differ by a few ulps times the square root of the reduction length. Checks run
-    with TF32 off (``exact_matmul``), so this holds on GPUs too.
+    with TF32 off (``state.exact_matmul``), so this holds on GPUs too.
     """
     return 1e3 * torch.finfo(dtype).eps * max(1.0, math.sqrt(width))
 
@@ -178,17 +178,6 @@ def input_dtype_errors(x: Tensor, params: dict[str, Tensor]) -> Iterator[None]:
             f"empirical_ntk: the model failed on x1 of dtype {x.dtype}: {exc}. Integer inputs "
             f"suit models that take indices (e.g. nn.Embedding); otherwise cast them to the "
             f"model's dtype, e.g. x1.to({dtype}).") from exc
-
-
-@contextlib.contextmanager
-def exact_matmul() -> Iterator[None]:
-    """TF32 off for CUDA matmuls and convolutions inside the block (checks compare values)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

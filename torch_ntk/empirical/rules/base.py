@@ -28,10 +28,11 @@ class Call:
     """One recorded call of a layer's module.
 
     Attributes:
-        args (tuple), kwargs (dict): what the module was called with (tensors detached).
+        args (tuple), kwargs (dict): what the module was called with (top-level tensors
+            detached; tensors nested in tuples, lists or dicts may still carry their graph).
         outputs (list of Tensor): the tensor outputs, in the order the module returns them.
-        in_dims (list of int or None): batch axis of each tensor in ``tensors(args, kwargs)``
-            (None: the tensor is shared by all samples, e.g. a mask).
+        in_dims (list of int or None): batch axis of each tensor in ``inputs()``, nested ones
+            included (None: the tensor is shared by all samples, e.g. a mask).
         out_dims (list of int): batch axis of each output.
     """
 
@@ -42,7 +43,7 @@ class Call:
     out_dims: list[int] = field(default_factory=list)
 
     def inputs(self) -> list[Tensor]:
-        """The tensor inputs, positional first, in a fixed order."""
+        """The tensor inputs, nested ones included, in ``input_tensors``' order."""
         return input_tensors(self.args, self.kwargs)
 
 
@@ -103,6 +104,22 @@ class Rule:
         """Tensor[n, K, P_l]: ``∂f_a(x_n)/∂θ`` over ``layer.params``, summed over the calls."""
         raise NotImplementedError
 
+    def gram_direction(self, layer: Layer, r: dict[str, Tensor]
+                       ) -> tuple[Tensor, Tensor | None]:
+        """A parameter direction ``r`` (by name relative to the module) in the layout of the
+        layer's Gram entries: ``(R [q, p], b [q] or None)``, so that an entry ``(h, d, c)``
+        moves output a by ``d_a · (R h) + sqrt(c) d_a · b`` (``verify.Projection``)."""
+        raise NotImplementedError
+
+    def gradient_direction(self, layer: Layer, r: dict[str, Tensor]) -> Tensor:
+        """``r`` in the layout of ``per_sample_gradients``: Tensor[P_l], the parameters in
+        ``layer.params`` order, each flattened (the layout every rule's gradients follow)."""
+        return torch.cat([r[name].reshape(-1) for name in layer.params])
+
+    def token_direction(self, layer: Layer, r: dict[str, Tensor]) -> Tensor:
+        """``r`` as a table (V, w) for the token entries of a layer with ``uses_tokens``."""
+        raise NotImplementedError
+
     def cost(self, layer: Layer, k: int) -> tuple[float, float]:
         """(multiply-adds per pair of samples for the full kernel, bytes per sample)."""
         size = sum(p.numel() for p in layer.params.values())
@@ -110,10 +127,12 @@ class Rule:
 
 
 def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
-    """Tensors among the positional and keyword arguments (not nested), in a fixed order."""
-    found = [a for a in args if isinstance(a, Tensor)]
-    found += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], Tensor)]
-    return found
+    """Every tensor the module was called with, nested ones included: the Tensor leaves of the
+    pytree ``(args, [kwargs[key] for key in sorted(kwargs)])`` (tuples, lists, dicts, named
+    tuples), so positional first, then keywords by name, e.g. ``[x, h, c]`` for an LSTM's
+    ``(x, (h, c))``. ``local._rebuild`` puts replacements back in this order."""
+    leaves = pytree.tree_leaves((tuple(args), [kwargs[key] for key in sorted(kwargs)]))
+    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
 
 
 def output_tensors(output: Any) -> list[Tensor] | None:

@@ -60,6 +60,13 @@ class ConvRule(Rule):
             entries.append((h.contiguous(), d[t].contiguous(), c))
         return entries
 
+    def gram_direction(self, layer: Layer, r: dict[str, Tensor]
+                       ) -> tuple[Tensor, Tensor | None]:
+        w = layer.module.weight
+        weight = (r["weight"].reshape(w.shape[0], -1) if "weight" in layer.params
+                  else w.new_empty(w.shape[0], 0))
+        return weight, r.get("bias")
+
     def cost(self, layer: Layer, k: int) -> tuple[float, float]:
         q, p = layer.module.weight.shape[0], layer.module.weight[0].numel()
         t = layer.state.get("positions", 1)

@@ -112,6 +112,9 @@ class EmbeddingRule(Rule):
             ds.append(delta[0].reshape(k, n, -1, width).permute(1, 2, 0, 3))  # (n, T, K, w)
         return torch.cat(tokens, dim=1), torch.cat(ds, dim=1).contiguous()
 
+    def token_direction(self, layer: Layer, r: dict[str, Tensor]) -> Tensor:
+        return r["weight"]
+
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         module = layer.module

@@ -55,6 +55,12 @@ class LinearRule(Rule):
         c = beta ** 2 if "bias" in layer.params else 0.0
         return [(h.contiguous(), delta[0].transpose(0, 1), c)]  # the op copies d if needed
 
+    def gram_direction(self, layer: Layer, r: dict[str, Tensor]
+                       ) -> tuple[Tensor, Tensor | None]:
+        w = layer.module.weight
+        weight = r["weight"] if "weight" in layer.params else w.new_empty(w.shape[0], 0)
+        return weight, r.get("bias")
+
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         alpha, beta = _scales(layer.module)

@@ -1,0 +1,213 @@
+"""What every block of inputs is checked against before its factors are used.
+
+For a block X of n samples and a random direction r in parameter space (one Tensor per
+trainable parameter, entries N(0, 1), fixed by a seed), forward-mode autograd gives
+``u = J(X) r`` (Tensor[n, K]) through the model's *real* parameter tensors: their tangents are
+set on the very objects the model holds, so uses outside registered attributes (a weight kept
+in a Python list, read by a hook, passed to ``F.linear`` on some samples) all count. The
+engines predict the same product from their factors (``Projection``): per Gram entry
+``d_a · (R h)`` plus the bias term, per per-sample-gradient block ``g_a · r``, per token entry
+``d_t,a · E_r[token_t]``. ``u = û`` for every sample and output (to rounding) is what "this
+sample's gradient is the one the factors describe" means, with probability 1 over r.
+
+The forward runs on the block split into two sub-batches in another order (reversed), so the
+same pass also checks that each sample's output doesn't depend on which samples share its
+batch: the sub-batches' outputs must equal the block's.
+
+Where forward-mode autograd is missing for some operation (a custom ``autograd.Function``
+without ``jvp``), ``u`` comes from reverse-over-reverse (``∂/∂v ⟨∇_θ(v·f), r⟩``), still
+through the real parameters; where neither runs, ``jvp`` returns None and the caller decides.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+# One forward-AD level per process: calls on other threads wait here.
+_DUAL_LEVEL = threading.Lock()
+_SEED = 20261201
+
+# |u - û| allowed per entry, relative to the sum of the absolute values of the terms both sides
+# add up (``Projection.bound``, a Cauchy-Schwarz bound per term). Measured on the test zoo
+# (residual, attention, conv, embedding models): at most ~3e-15 in float64, ~2e-6 in float32;
+# the defects the check exists for are 1e-3 or more of that scale.
+_TOLERANCE = {torch.float64: 1e-11, torch.float32: 1e-4}
+_HALF_TOLERANCE = 3e-2
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Allowed ``|u - û| / bound`` for a model of this dtype."""
+    return _TOLERANCE.get(dtype, _HALF_TOLERANCE)
+
+
+def direction(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The random direction r: Tensor like each parameter, N(0, 1), the same on every call."""
+    first = next(iter(params.values()))
+    gen = torch.Generator(device=first.device).manual_seed(_SEED)
+    return {name: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            for name, p in params.items()}
+
+
+class Projection:
+    """Accumulates an engine's prediction ``û = J r`` (Tensor[n, K]) and its rounding scale.
+
+    Half-precision factors are widened to float32 so the check itself can't overflow.
+    """
+
+    def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        self.value = torch.zeros(n, k, dtype=self.dtype, device=device)
+        self.bound = torch.zeros(n, k, dtype=self.dtype, device=device)
+
+    def add_gram(self, h: Tensor, d: Tensor, c: float, weight: Tensor,
+                 bias: Tensor | None) -> None:
+        """Entry ``(h [n, p], d [n, K, q], c)`` along ``weight`` (q, p) and ``bias`` (q)."""
+        d = d.to(self.dtype)
+        d_norm = torch.linalg.vector_norm(d, dim=2)
+        if h.shape[1]:
+            rh = h.to(self.dtype) @ weight.to(self.dtype).T                  # (n, q)
+            self.value += torch.einsum("nkq,nq->nk", d, rh)
+            self.bound += d_norm * torch.linalg.vector_norm(rh, dim=1, keepdim=True)
+        if bias is not None and c:
+            scale = math.sqrt(c)
+            b = bias.to(self.dtype)
+            self.value += scale * (d @ b)
+            self.bound += scale * d_norm * torch.linalg.vector_norm(b)
+
+    def add_gradients(self, g: Tensor, r: Tensor) -> None:
+        """Per-sample gradients ``g [n, K, P]`` along ``r`` (P)."""
+        g, r = g.to(self.dtype), r.to(self.dtype)
+        self.value += g @ r
+        self.bound += torch.linalg.vector_norm(g, dim=2) * torch.linalg.vector_norm(r)
+
+    def add_tokens(self, tokens: Tensor, d: Tensor, table: Tensor) -> None:
+        """Token entry ``(tokens [n, T], d [n, T, K, w])`` along the table direction (V, w)."""
+        rows = table.to(self.dtype)[tokens.clamp_min(0)] * (tokens >= 0).unsqueeze(-1)
+        d = d.to(self.dtype)
+        self.value += torch.einsum("ntkw,ntw->nk", d, rows)
+        self.bound += torch.einsum("ntk,nt->nk", torch.linalg.vector_norm(d, dim=3),
+                                   torch.linalg.vector_norm(rows, dim=2))
+
+
+@dataclass
+class Split:
+    """The model on a block split into two reordered sub-batches: outputs and ``J r``."""
+
+    outputs: Tensor        # Tensor[n, K], rows in the block's order
+    jvp: Tensor | None     # Tensor[n, K], None when no autograd mode could compute it
+
+
+def split_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor,
+                  r: dict[str, Tensor], want_jvp: bool = True) -> Split:
+    """Runs the model on x (Tensor[n, *in_shape]) as two sub-batches in reversed order."""
+    n = x.shape[0]
+    order = torch.arange(n - 1, -1, -1, device=x.device)
+    parts = [order[: n // 2], order[n // 2:]] if n > 1 else [order]
+    results = [_forward(model, params, x[idx], r, want_jvp) for idx in parts]
+    inverse = torch.argsort(torch.cat(parts))
+    outputs = torch.cat([f for f, _ in results])[inverse]
+    if any(u is None for _, u in results):
+        return Split(outputs, None)
+    return Split(outputs, torch.cat([u for _, u in results])[inverse])
+
+
+def worst(u: Tensor, projection: Projection) -> tuple[float, int]:
+    """(largest ``|u - û| / bound`` over the block, the sample where it occurs)."""
+    err = (u.to(projection.dtype) - projection.value).abs()
+    scale = projection.bound + u.to(projection.dtype).abs()
+    tiny = torch.finfo(projection.dtype).tiny
+    ratio = torch.where(err > 0, err / scale.clamp_min(tiny), torch.zeros_like(err))
+    ratio = torch.nan_to_num(ratio, nan=float("inf"))
+    per_sample = ratio.amax(dim=1) if ratio.shape[1] else ratio.new_zeros(ratio.shape[0])
+    value, index = per_sample.max(dim=0)
+    return float(value), int(index)
+
+
+# Internal helpers
+
+def _forward(model: nn.Module, params: dict[str, Tensor], x: Tensor, r: dict[str, Tensor],
+             want_jvp: bool) -> tuple[Tensor, Tensor | None]:
+    """(f Tensor[m, K], J r Tensor[m, K] or None) on one sub-batch."""
+    if not want_jvp:
+        with torch.no_grad():
+            return _flat(model(x), x.shape[0]), None
+    try:
+        return _forward_mode(model, params, x, r)
+    except (RuntimeError, NotImplementedError) as exc:
+        if not _is_missing_formula(exc):
+            raise
+    try:
+        return _reverse_over_reverse(model, params, x, r)
+    except (RuntimeError, NotImplementedError):
+        with torch.no_grad():
+            return _flat(model(x), x.shape[0]), None
+
+
+def _forward_mode(model: nn.Module, params: dict[str, Tensor], x: Tensor,
+                  r: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Tangents set on the real parameter objects (their values copied onto themselves), one
+    forward under ``no_grad``; the parameters' version counters are put back afterwards."""
+    tensors = list(params.values())
+    versions = [p._version for p in tensors]
+    with _DUAL_LEVEL, fwAD.dual_level(), torch.no_grad():
+        try:
+            for p, name in zip(tensors, params):
+                p.copy_(fwAD.make_dual(p.detach().clone(), r[name]))
+            f = _flat(model(x), x.shape[0])
+            primal, tangent = fwAD.unpack_dual(f)
+            primal = primal.clone()
+            tangent = torch.zeros_like(primal) if tangent is None else tangent.clone()
+        finally:
+            _set_versions(tensors, versions)
+    return primal, tangent
+
+
+def _reverse_over_reverse(model: nn.Module, params: dict[str, Tensor], x: Tensor,
+                          r: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``J r`` as the derivative of the linear map ``v -> r · J^T v`` (two reverse passes)."""
+    tensors = list(params.values())
+    with torch.enable_grad():
+        f = _flat(model(x), x.shape[0])
+        v = torch.zeros_like(f, requires_grad=True)
+        if not f.requires_grad:
+            return f.detach(), torch.zeros_like(f)
+        grads = torch.autograd.grad(f, tensors, v, create_graph=True, allow_unused=True)
+        used = [(g, r[name]) for g, name in zip(grads, params)
+                if g is not None and g.requires_grad]
+        if not used:
+            return f.detach(), torch.zeros_like(f)
+        (u,) = torch.autograd.grad([g for g, _ in used], v, [t for _, t in used],
+                                   allow_unused=True)
+    return f.detach(), torch.zeros_like(f) if u is None else u.detach()
+
+
+def _flat(f: object, m: int) -> Tensor:
+    if not isinstance(f, Tensor):
+        raise TypeError(
+            f"empirical_ntk: the model must return one Tensor, got {type(f).__name__}.")
+    return f.reshape(m, -1)
+
+
+def _is_missing_formula(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, NotImplementedError) or any(
+        s in text for s in ("forward ad", "forward-mode", "forward mode", "jvp",
+                            "not implemented", "dual"))
+
+
+def _set_versions(tensors: list[Tensor], versions: list[int]) -> None:
+    """Puts back version counters that copying a tensor onto itself bumped (so autograd graphs
+    the caller saved before the call stay valid)."""
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None:
+        return
+    try:
+        setter(tuple(tensors), tuple(versions))
+    except (TypeError, RuntimeError):
+        for t, v in zip(tensors, versions):
+            setter(t, v)

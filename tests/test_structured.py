@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import torch_ntk
+from torch_ntk.empirical import verify
 from torch_ntk.empirical.api import _choose_engine
 from torch_ntk.empirical.structured import StructuredNTK
 from conftest import assert_close, make
@@ -308,14 +309,15 @@ def test_isolate_finds_every_wrong_layer_or_leaves_them_all():
     params = dict(model.named_parameters())
     engine = StructuredNTK(model, params)
     engine.plan(x)
+    r = verify.direction(model, params)
     names = [l.name for l in engine.layers]
-    assert names == ["e1", "e2", "mid"] and engine.verify(x[:3]) > 1e-9
-    assert engine.isolate(x[:3], 1e-9, max_checks=1) is None
+    assert names == ["e1", "e2", "mid"] and verify.check(engine, x[:3], r).kind == "mismatch"
+    assert engine.isolate(x[:3], r, max_checks=1) is None
     assert [l.name for l in engine.layers] == names and engine.foreign == {}
-    assert sorted(engine.isolate(x[:3], 1e-9)) == ["e1", "e2"]
+    assert sorted(engine.isolate(x[:3], r)) == ["e1", "e2"]
     assert [l.name for l in engine.layers] == ["mid"]
     assert set(engine.foreign) == {"e1.weight", "e2.weight"}
-    assert engine.verify(x[:3]) <= 1e-9
+    assert verify.check(engine, x[:3], r).ok
     ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
     assert_close(torch_ntk.empirical_ntk(model, x), ref, torch.float64, "auto after isolation")
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from torch_ntk import _modes
-from torch_ntk.empirical import checks, state
+from torch_ntk.empirical import checks, state, verify
+from torch_ntk.empirical.factors import Factors
 from torch_ntk.empirical.jacobian import JacobianNTK
 from torch_ntk.empirical.structured import StructuredNTK, blocking_modules
 
@@ -22,6 +23,7 @@ _CACHED_BLOCKS = 4               # ... or this many blocks when the caller sets 
 # reverse passes, and the structured one has more fixed costs (hooks, one vjp per layer), so
 # it is taken when its contraction is at most this share of the Jacobian's.
 _STRUCTURED_SHARE = 0.5
+_REPAIRS = 8     # failed checks a call may answer by isolating layers before it takes the Jacobian
 
 
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
@@ -122,9 +124,15 @@ class KernelPlan:
                                                           self.dtype, max(n1, n2))
             self.rows = _blocks(n1, size)
             self.cols = self.rows if self.symmetric else _blocks(n2, size)
-            budget = (_CACHE_BYTES if self.batch_size is None else
-                      _CACHED_BLOCKS * size * self.engine.bytes_per_sample(self.k))
-            self._cache = _FactorCache(self.engine, x2, self.cols, budget)
+            self._budget = (_CACHE_BYTES if self.batch_size is None else
+                            _CACHED_BLOCKS * size * self.engine.bytes_per_sample(self.k))
+            self.direction = verify.direction(self.model, self.params)
+            self._generation = 0   # bumped when a failed check changes the engine
+            self._repairs = 0
+            self._x2 = x2
+            self._cache = _FactorCache(self._checked_factors, x2, self.cols, self._budget,
+                                       "x1" if self.symmetric else "x2")
+            self._row: tuple = (None, None, None)
         except BaseException:
             self._state.restore()
             raise
@@ -139,14 +147,30 @@ class KernelPlan:
                 if not (self.symmetric and j < i)]
 
     def compute_tile(self, i: int, j: int, out: Tensor | None = None) -> Tensor:
-        """Θ(x1[rows[i]], x2[cols[j]]) in ``mode``, written into ``out`` when given."""
-        f1 = self._cache.get(i) if self.symmetric else self._row_factors(i)
-        f2 = f1 if self.symmetric and i == j else self._cache.get(j)
+        """Θ(x1[rows[i]], x2[cols[j]]) in ``mode``, written into ``out`` when given.
+
+        Both blocks' factors have passed ``verify.check``; a non-finite tile (factors whose
+        products overflow the dtype) is recomputed from the factors in float64.
+        """
+        while True:  # a failed check on the second block may change the engine
+            generation = self._generation
+            f1 = self._cache.get(i) if self.symmetric else self._row_factors(i)
+            f2 = f1 if self.symmetric and i == j else self._cache.get(j)
+            if generation == self._generation:
+                break
         shape = _modes.kernel_shape(self.rows[i].stop - self.rows[i].start,
                                     self.cols[j].stop - self.cols[j].start, self.k, self.mode)
         if out is None:
             out = torch.empty(shape, dtype=self.dtype, device=self.x1.device)
-        self.engine.contract(f1, f2, self.mode, out, symmetric=self.symmetric and i == j)
+        symmetric = self.symmetric and i == j
+        self.engine.contract(f1, f2, self.mode, out, symmetric=symmetric)
+        if not bool(torch.isfinite(out).all()):
+            w1 = _widened(f1)
+            w2 = w1 if f2 is f1 else _widened(f2)
+            wide = torch.empty(shape, dtype=torch.float64, device=out.device)
+            self.engine.contract(w1, w2, self.mode, wide, symmetric=symmetric)
+            checks.check_kernel_fits(wide, self.dtype, self.rows[i].start, self.cols[j].start)
+            out.copy_(wide)
         return out
 
     def release(self, i: int, j: int) -> None:
@@ -155,10 +179,84 @@ class KernelPlan:
             self._cache.drop(i)
 
     def _row_factors(self, i: int):
-        if getattr(self, "_row", (None, None))[0] != i:
-            with state.no_autocast():
-                self._row = (i, self.engine.factors(self.x1[self.rows[i]]))
+        if self._row[0] != i or self._row[2] != self._generation:
+            factors = self._checked_factors(self.x1[self.rows[i]], self.rows[i].start, "x1")
+            self._row = (i, factors, self._generation)
         return self._row[1]
+
+    def _checked_factors(self, x: Tensor, start: int, side: str):
+        """The engine's factors of the block x (Tensor[n, *in_shape]; its first sample is
+        sample ``start`` of ``side``), once ``verify.check`` has passed on them.
+
+        A failed check ends in a ValueError (samples that interact; a layer of
+        ``method="structured"`` whose share is wrong; a Jacobian that differs from the real
+        model's) or, for ``auto`` and the Jacobian path, in a corrected engine: the layers found
+        wrong go to the Jacobian (``isolate``), or the Jacobian is taken from plain autograd on
+        the real model instead of torch.func. Factors computed before the change are dropped.
+        """
+        while True:
+            with state.no_autocast(), state.exact_matmul():
+                verdict = verify.check(self.engine, x, self.direction,
+                                       self.engine.factors(x, self.direction))
+                if verdict.ok or self._repair(x, verdict, start, side):
+                    return verdict.factors
+
+    def _repair(self, x: Tensor, verdict, start: int, side: str) -> bool:
+        """Acts on a failed check; True: the factors stand as computed (see above)."""
+        where = f"sample {start + verdict.sample} of {side}"
+        if verdict.kind == "interact":
+            raise ValueError(
+                f"empirical_ntk: the model's output for {where} changed when the samples beside "
+                "it changed (its batch was split in two and reordered), so the per-sample NTK is "
+                "undefined: samples interact (e.g. batch statistics, attention across the batch, "
+                "a term that mixes a rare sample into the others) or the forward is random. Make "
+                "the forward act on each sample independently.")
+        engine, self._repairs = self.engine, self._repairs + 1
+        if isinstance(engine, JacobianNTK):
+            if engine.jacobian.vmap is not False:    # torch.func misses uses outside the
+                engine.jacobian.use_autograd()       # registered attributes: plain autograd
+                self._changed()
+                return False
+            if verdict.kind == "unverifiable":
+                return True  # plain autograd on the real model, samples checked independent
+            raise ValueError(
+                f"empirical_ntk: the model's per-sample gradients on {where} differ from its "
+                f"derivative along a random direction (relative error {verdict.error:.2e}): "
+                "its backward is not the derivative of its forward there (e.g. a gradient "
+                "that depends on the batch, or a custom autograd.Function whose backward "
+                "disagrees with its forward), so no NTK can be taken exactly.")
+        sample = x[verdict.sample:verdict.sample + 1]
+        if verdict.kind == "mismatch" and self._repairs <= _REPAIRS:
+            dropped = engine.isolate(sample, self.direction)
+        else:
+            dropped = None
+        if self.method == "structured":
+            culprits = ", ".join(dropped) if dropped else ", ".join(l.name for l in engine.layers)
+            if verdict.kind == "unverifiable":
+                raise ValueError(
+                    "empirical_ntk: method='structured' can't check its factors on this model: "
+                    "neither forward-mode autograd nor double backward runs through it (e.g. a "
+                    "custom autograd.Function without jvp). Use method='auto' or 'jacobian'.")
+            raise ValueError(
+                f"empirical_ntk: method='structured' does not reproduce the model's own "
+                f"gradients on {where}: a parameter of layer(s) {culprits} also acts outside "
+                "that layer's call there (e.g. passed to F.linear elsewhere or only for some "
+                "samples, read by a forward hook, or reused when a feature is rare). Use "
+                "method='jacobian' or 'auto'.")
+        if dropped is None or not engine.factorised or _too_costly(engine, self.params, self.k):
+            fallback = _fallback(self.model, self.params, "verify")
+            if verdict.kind == "unverifiable":
+                fallback.jacobian.use_autograd()
+            self.engine = fallback
+        self._changed()
+        return False
+
+    def _changed(self) -> None:
+        """The engine changed: factors already computed are of the old one."""
+        self._generation += 1
+        self._row = (None, None, None)
+        self._cache = _FactorCache(self._checked_factors, self._x2, self.cols, self._budget,
+                                   "x1" if self.symmetric else "x2")
 
 
 # Internal helpers
@@ -229,21 +327,7 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     "batch on one axis; the trainable parameters live in "
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
             return _fallback(model, params, "no layer"), k
-        tolerance = _verify_tolerance(params)
-        if engine.verify(samples) > tolerance:
-            if method == "auto" and engine.isolate(samples, tolerance) is not None:
-                if engine.factorised and not _too_costly(engine, params, k):
-                    return engine, k
-                return _fallback(model, params, "cost"), k
-            if method == "structured":
-                raise ValueError(
-                    "empirical_ntk: method='structured' does not reproduce the model's own "
-                    "gradients on pairs of samples: a parameter of a factorised layer ("
-                    f"{', '.join(l.name for l in engine.layers)}) also acts outside that "
-                    "layer's call (e.g. passed to F.linear elsewhere, or read by a forward "
-                    "hook). Use method='jacobian' or 'auto'.")
-            return _fallback(model, params, "verify"), k
-    return engine, f_probe.shape[1]
+    return engine, k
 
 
 def _too_costly(engine: StructuredNTK, params: dict[str, Tensor], k: int) -> bool:
@@ -291,16 +375,6 @@ def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
     return torch.cat(distinct)
 
 
-def _verify_tolerance(params: dict[str, Tensor]) -> float:
-    """Relative error allowed between the structured and autograd's Θ on the check's pairs.
-
-    Both sides sum the same products in different orders; TF32 is off during the check, so
-    rounding stays within a few hundred ulps of the dtype.
-    """
-    dtype = next(iter(params.values())).dtype
-    return {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 3e-2)
-
-
 def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int) -> int:
     """Largest block whose factors and output tile fit the default memory budgets."""
     per_pair = _modes.entries_per_pair(k, mode) * dtype.itemsize
@@ -316,16 +390,18 @@ def _blocks(n: int, size: int) -> list[slice]:
 class _FactorCache:
     """Factors of column blocks, kept while they fit ``budget`` bytes, else recomputed."""
 
-    def __init__(self, engine, x: Tensor, blocks: list[slice], budget: int) -> None:
-        self.engine, self.x, self.blocks, self.budget = engine, x, blocks, budget
+    def __init__(self, compute, x: Tensor, blocks: list[slice], budget: int,
+                 side: str) -> None:
+        self.compute, self.x, self.blocks, self.budget = compute, x, blocks, budget
+        self.side = side
         self.kept: dict[int, object] = {}
         self.bytes = 0
 
     def get(self, j: int):
         if j in self.kept:
             return self.kept[j]
-        with state.no_autocast():
-            factors = self.engine.factors(self.x[self.blocks[j]])
+        block = self.blocks[j]
+        factors = self.compute(self.x[block], block.start, self.side)
         size = factors.nbytes()
         if self.bytes + size <= self.budget:
             self.kept[j] = factors
@@ -335,3 +411,10 @@ class _FactorCache:
     def drop(self, j: int) -> None:
         if j in self.kept:
             self.bytes -= self.kept.pop(j).nbytes()
+
+
+def _widened(factors: Factors) -> Factors:
+    """The same factors in float64 (for a tile whose products overflow the model's dtype)."""
+    wide = lambda ts: [t.double() for t in ts]  # noqa: E731
+    return Factors(wide(factors.h), wide(factors.d), list(factors.c), list(factors.group),
+                   list(factors.tokens), wide(factors.token_d))

@@ -143,6 +143,19 @@ def check_independent(f_batch: Tensor, f_single: Tensor, row: int) -> None:
             "is undefined. Make the forward pass act on each sample independently.")
 
 
+def check_kernel_fits(wide: Tensor, dtype: torch.dtype, row: int, col: int) -> None:
+    """Raises when a kernel tile, recomputed in float64, is not finite in ``dtype``."""
+    finite = torch.isfinite(wide)
+    if dtype != torch.float64:
+        finite &= wide.abs() <= torch.finfo(dtype).max
+    if not bool(finite.all()):
+        n, m = (int(i) for i in (~finite).nonzero()[0, :2])
+        raise ValueError(
+            f"empirical_ntk: the kernel entry of samples {row + n} (x1) and {col + m} (x2) is "
+            f"not finite in {dtype} (it overflows, or the model's gradients are not finite "
+            "there). Compute it in a wider dtype, e.g. model.double() with float64 inputs.")
+
+
 def check_deterministic(f_first: Tensor, f_again: Tensor) -> None:
     """Raises when two forward passes on the same inputs disagree (a random forward)."""
     scale = float(f_first.abs().max()) + 1e-30
@@ -181,8 +194,10 @@ def input_dtype_errors(x: Tensor, params: dict[str, Tensor]) -> Iterator[None]:
 
 
 def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
-              inputs: tuple[Tensor | None, ...] = ()) -> None:
-    """Checks a user-supplied ``out=`` tensor the way torch checks an in-place op's output."""
+              inputs: tuple[Tensor | None, ...] = (), model: nn.Module | None = None) -> None:
+    """Checks a user-supplied ``out=`` tensor the way torch checks an in-place op's output:
+    right shape and dtype, real memory with distinct elements, none of it shared with
+    ``inputs`` (x1, x2) or with the model's parameters, gradients and buffers."""
     if out is None:
         return
     if not isinstance(out, Tensor):
@@ -191,24 +206,78 @@ def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
         raise ValueError(
             f"empirical_ntk: out must have shape {tuple(shape)} and dtype {dtype} (the model's), "
             f"got shape {tuple(out.shape)} and dtype {out.dtype}.")
+    if out.device.type == "meta":
+        raise ValueError(
+            "empirical_ntk: out is a meta tensor, which has no data to write the kernel into. "
+            "Pass out=None, or a tensor on a real device (e.g. torch.empty(shape, device='cpu')).")
+    if out.layout != torch.strided:
+        raise ValueError(
+            f"empirical_ntk: out must be a dense (strided) tensor, got layout {out.layout}. "
+            "Pass out=None and convert the result (e.g. .to_sparse()).")
     if out.requires_grad:
         raise ValueError(
             "empirical_ntk: out requires grad, and autograd can't track a kernel written into "
             "it in place. Pass a tensor without requires_grad (e.g. out.detach()).")
-    if out.numel() > 1 and (torch._debug_has_internal_overlap(out) == 1  # 1: surely overlaps
-                          or any(st == 0 and n > 1 for n, st in zip(out.shape, out.stride()))):
+    overlap = _internal_overlap(out)
+    if overlap is not None:
         raise ValueError(
-            f"empirical_ntk: out has overlapping memory (strides {out.stride()}, e.g. from "
-            "expand()), so entries would overwrite each other. Pass a tensor whose elements "
-            "are distinct, e.g. torch.empty(shape) or out.contiguous().")
+            f"empirical_ntk: out {overlap} (shape {tuple(out.shape)}, strides {out.stride()}, "
+            "e.g. from expand() or as_strided()), so entries would overwrite each other. Pass a "
+            "tensor whose elements are distinct, e.g. torch.empty(shape) or out.contiguous().")
     for name, x in zip(("x1", "x2"), inputs):
         if x is not None and _shares_memory(out, x):
             raise ValueError(
                 f"empirical_ntk: out shares memory with {name}, which would be overwritten "
                 f"while it is read. Pass a separate out tensor (or {name}.clone()).")
+    if model is not None:
+        for kind, name, t in _model_tensors(model):
+            if _shares_memory(out, t):
+                raise ValueError(
+                    f"empirical_ntk: out shares memory with the model's {kind} {name!r}, which "
+                    "the kernel would overwrite (and the forward may read). Pass a separate "
+                    "out tensor, e.g. torch.empty(shape).")
 
 
 # Internal helpers
+
+_EXACT_OVERLAP_NUMEL = 2 ** 22  # up to this many elements, overlap is decided offset by offset
+
+
+def _internal_overlap(t: Tensor) -> str | None:
+    """Why ``t``'s elements may not be distinct in memory, or None when they are.
+
+    Proved distinct when the dims sorted by stride each step past the extent of the smaller
+    ones (any dense or sliced layout); otherwise the element offsets are compared one by one
+    when that is cheap, and the tensor is refused as possibly overlapping when it is not.
+    """
+    dims = [(st, n) for n, st in zip(t.shape, t.stride()) if n > 1]
+    if t.numel() <= 1 or torch._debug_has_internal_overlap(t) == 0:
+        return None
+    if any(st == 0 for st, _ in dims):
+        return "has overlapping memory"
+    extent = 1
+    for st, n in sorted(dims):
+        if st < extent:
+            break
+        extent += (n - 1) * st
+    else:
+        return None
+    if t.numel() > _EXACT_OVERLAP_NUMEL:
+        return "may have overlapping memory (its strides interleave)"
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, n in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st).reshape(-1)
+    return "has overlapping memory" if offsets.unique().numel() < offsets.numel() else None
+
+
+def _model_tensors(model: nn.Module) -> Iterator[tuple[str, str, Tensor]]:
+    """(kind, name, tensor) for the model's parameters, their gradients and its buffers."""
+    for name, p in model.named_parameters():
+        yield "parameter", name, p
+        if p.grad is not None:
+            yield "gradient of", name, p.grad
+    for name, b in model.named_buffers():
+        yield "buffer", name, b
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """True when the storages of ``a`` and ``b`` overlap (conservative: byte ranges)."""

@@ -13,6 +13,7 @@ the pairs of positions that read the same row, found by sorting (negative tokens
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 import torch
@@ -40,6 +41,8 @@ class Factors:
     group: list[int] = field(default_factory=list)
     tokens: list[Tensor] = field(default_factory=list)
     token_d: list[Tensor] = field(default_factory=list)
+    outputs: Tensor | None = None     # the block's model output, Tensor[n, K]
+    projection: Any = None            # verify.Projection of J r, when a direction was given
 
     def add(self, h: Tensor, d: Tensor, c: float, group: int = -1) -> None:
         self.h.append(h)

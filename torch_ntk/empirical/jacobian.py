@@ -23,6 +23,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from torch_ntk.empirical import checks
 from torch_ntk.empirical.factors import Factors, contract
+from torch_ntk.empirical.verify import Projection
 
 _SEEDS = 32  # reverse passes batched together by the autograd path (samples per chunk × K)
 
@@ -48,10 +49,17 @@ class JacobianNTK:
         itemsize = next(iter(self.params.values())).element_size()
         return k * self.num_params * itemsize
 
-    def factors(self, x: Tensor) -> Factors:
-        """The per-parameter Jacobians ∂f_a(x_n)/∂θ (Tensor[n, K, P_θ]) as gram_sum entries."""
-        out = Factors()
-        out.add_gradients(self.jacobian.blocks(x))
+    def factors(self, x: Tensor, r: dict[str, Tensor] | None = None) -> Factors:
+        """The per-parameter Jacobians ∂f_a(x_n)/∂θ (Tensor[n, K, P_θ]) as gram_sum entries,
+        with their prediction of ``J(x) r`` when a direction ``r`` is given (``verify``)."""
+        blocks = self.jacobian.blocks(x)
+        f = self.jacobian.outputs
+        out = Factors(outputs=f)
+        if r is not None:
+            out.projection = Projection(x.shape[0], f.shape[1], f.dtype, f.device)
+            for g, name in zip(blocks, self.params):
+                out.projection.add_gradients(g, r[name].reshape(-1))
+        out.add_gradients(blocks)
         return out
 
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,
@@ -84,6 +92,11 @@ class PerSampleJacobian:
         self.vmap: bool | None = None if self.vmap_error is None else False
         self._batched_grads: bool | None = None  # is_grads_batched works on this model
         self._k: int | None = None  # outputs per sample, once seen
+
+    def use_autograd(self) -> None:
+        """Takes the Jacobian from plain autograd on the real model from now on (torch.func's
+        parameter swaps miss a parameter also held outside its registered attribute)."""
+        self.vmap = False
 
     def __call__(self, x: Tensor) -> Tensor:
         """Jacobian of the flattened per-sample output w.r.t. the parameters.
@@ -136,6 +149,7 @@ class PerSampleJacobian:
 
     def _assemble(self, jac: dict[str, Tensor], f: Tensor, n: int) -> list[Tensor]:
         f = checks.check_output(f, n, "these inputs")
+        self.outputs = f.detach()
         k = f.shape[1]
         return [jac[name].reshape(n, k, -1) for name in self.params]
 
@@ -144,16 +158,19 @@ class PerSampleJacobian:
 
         The first chunk is one sample (it tells K); later ones hold ``_SEEDS // K`` samples.
         """
-        chunks, start = [], 0
+        chunks, outputs, start = [], [], 0
         while start < x.shape[0]:
             size = max(1, _SEEDS // self._k) if self._k else 1
-            chunks.append(self._chunk_jacobian(x[start:start + size]))
+            jac, f = self._chunk_jacobian(x[start:start + size])
+            chunks.append(jac)
+            outputs.append(f)
             start += size
+        self.outputs = torch.cat(outputs)
         return [torch.cat(per_chunk) for per_chunk in zip(*chunks)]
 
-    def _chunk_jacobian(self, xc: Tensor) -> list[Tensor]:
-        """Tensor[m, K, P_θ] per parameter of a chunk xc (Tensor[m, *in_shape]), from one
-        batched forward.
+    def _chunk_jacobian(self, xc: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(Tensor[m, K, P_θ] per parameter, outputs Tensor[m, K]) of a chunk xc
+        (Tensor[m, *in_shape]), from one batched forward.
 
         Samples don't interact (empirical_ntk checks it), so the gradient of output ``a`` of
         sample ``i`` in the batched forward is that sample's own: one reverse pass per pair
@@ -165,10 +182,11 @@ class PerSampleJacobian:
             f = checks.check_output(self.model(xc), m, "these inputs")
             self._k = k = f.shape[1]
             if not f.requires_grad:  # the output doesn't depend on these parameters
-                return [f.new_zeros(m, k, p.numel()) for p in tensors]
+                return [f.new_zeros(m, k, p.numel()) for p in tensors], f.detach()
             seeds = torch.eye(m * k, dtype=f.dtype, device=f.device).reshape(m * k, m, k)
             grads = self._seeded_gradients(f, tensors, seeds)
-        return [g.reshape(m, k, -1).detach() for g in grads]
+        return [_per_seed(g, p, m * k).reshape(m, k, -1) for g, p in zip(grads, tensors)], \
+            f.detach()
 
     def _seeded_gradients(self, f: Tensor, tensors: list[Tensor],
                           seeds: Tensor) -> list[Tensor]:
@@ -187,7 +205,8 @@ class PerSampleJacobian:
         per_seed = [torch.autograd.grad(f, tensors, seed, retain_graph=s < last, **grad)
                     for s, seed in enumerate(seeds)]
         self._batched_grads = False  # some backward formula lacks a batching rule
-        return [torch.stack(g) for g in zip(*per_seed)]
+        return [torch.stack([t.to_dense() if t.layout != torch.strided else t for t in g])
+                for g in zip(*per_seed)]
 
 
 def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -206,6 +225,18 @@ def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
 
 
 # Internal helpers
+
+def _per_seed(g: Tensor, p: Tensor, seeds: int) -> Tensor:
+    """A batched gradient as Tensor[S, *θ.shape]: dense (a sparse Embedding gives sparse
+    gradients), and expanded where autograd materialised an unused parameter's gradient
+    without the seed axis."""
+    g = g.detach()
+    if g.layout != torch.strided:
+        g = g.to_dense()
+    if g.dim() == p.dim():
+        g = g.expand(seeds, *p.shape)
+    return g
+
 
 # Models torch.func.vmap could not run (and plain autograd could), with vmap's error.
 _NOT_VMAPPABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()

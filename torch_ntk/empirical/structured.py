@@ -9,8 +9,8 @@ gradients, and the native Gram-sum op contracts them all (``native.gram.gram_sum
 Parameters no rule can account for (shared between modules, or in modules whose calls don't
 keep one sample per batch row) get their exact share from the per-sample Jacobian of those
 parameters alone (``jacobian``). What this rests on is checked on every call by ``api``:
-samples don't interact and each layer keeps them on their rows (``check_rows``), and the
-factorised kernel equals autograd's on pairs of distinct samples (``verify``).
+samples don't interact and each layer keeps them on their rows (``check_rows``, on a probe),
+and on every block the factors predict the model's own ``J(x) r`` for every sample (``verify``).
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torch_ntk.empirical import checks, jacobian
+from torch_ntk.empirical import checks, jacobian, verify
 from torch_ntk.empirical.factors import Factors, contract
 from torch_ntk.empirical.rules import Call, Layer, rule_for
 from torch_ntk.empirical.rules.base import input_tensors, output_tensors
+from torch_ntk.empirical.verify import Projection
 
 
 class StructuredNTK:
@@ -38,6 +39,7 @@ class StructuredNTK:
         self.params = dict(params)
         self.layers: list[Layer] = []
         self.foreign: dict[str, Tensor] = dict(self.params)
+        self.foreign_jacobian = jacobian.PerSampleJacobian(model, self.foreign)
         self.ambiguous = False      # the probe size met a non-batch axis of the same size
 
     @property
@@ -86,7 +88,8 @@ class StructuredNTK:
         """Hands the named layers' parameters to the Jacobian path."""
         self._assign([l for l in self.layers if l.name not in names])
 
-    def isolate(self, xs: Tensor, tolerance: float, max_checks: int = 16) -> list[str] | None:
+    def isolate(self, xs: Tensor, r: dict[str, Tensor], max_checks: int = 16
+                ) -> list[str] | None:
         """Hands to the Jacobian path the layers whose share ``verify`` finds wrong.
 
         Dropping layers never makes the kernel wrong (their parameters go to the exact
@@ -97,7 +100,7 @@ class StructuredNTK:
 
         Args:
             xs (Tensor[S, *in_shape]): the samples ``verify`` failed on.
-            tolerance (float): the relative error ``verify`` must stay within.
+            r (dict of Tensor): the direction ``verify`` checks along.
             max_checks (int): ``verify`` calls allowed before giving up.
         Returns:
             list[str] or None: the layers dropped, or None (the layers are then unchanged)
@@ -112,7 +115,7 @@ class StructuredNTK:
             checks_left -= 1
             gone = set(dropped) | set(extra)
             self._assign([l for l in layers if l.name not in gone])
-            return self.verify(xs) <= tolerance
+            return verify.check(self, xs, r).ok
 
         while checks_left > 0:
             remaining = [l.name for l in layers if l.name not in dropped]
@@ -164,8 +167,13 @@ class StructuredNTK:
         total = k * sum(p.numel() for p in self.foreign.values()) * itemsize
         return int(total + sum(l.rule.cost(l, k)[1] for l in self.layers))
 
-    def factors(self, x: Tensor) -> Factors:
-        """Gram factors of a block of inputs x (Tensor[n, *in_shape])."""
+    def factors(self, x: Tensor, r: dict[str, Tensor] | None = None) -> Factors:
+        """Gram factors of a block of inputs x (Tensor[n, *in_shape]).
+
+        With a parameter direction ``r`` (by parameter name), ``projection`` holds the
+        factors' prediction of ``J(x) r`` for ``verify``; ``outputs`` is always the block's
+        output (Tensor[n, K]).
+        """
         n = x.shape[0]
         with _recording(self.layers, clone=True) as calls, torch.enable_grad():
             f = checks.check_output(self.model(x), n, "these inputs")
@@ -173,25 +181,40 @@ class StructuredNTK:
                 _check_calls(layer, calls[id(layer.module)], n)
             zs = [z for l in self.layers for c in calls[id(l.module)] for z in c.outputs]
             deltas = iter(_output_gradients(f, zs))
-        out = Factors()
+        out = Factors(outputs=f.detach())
+        proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device)
         pooled = []
         for layer in self.layers:
             recorded = calls[id(layer.module)]
             per_call = [[next(deltas) for _ in c.outputs] for c in recorded]
+            r_layer = None if r is None else self._relative(layer, r)
             if layer.gram:
                 entries = layer.rule.gram_factors(layer, recorded[0], per_call[0])
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
+                weight, bias = (None, None) if r is None else layer.rule.gram_direction(
+                    layer, r_layer)
                 for h, d, c in entries:
                     out.add(h.detach(), d.detach(), c, group)
+                    if proj is not None:
+                        proj.add_gram(h.detach(), d.detach(), c, weight, bias)
             elif layer.rule.uses_tokens(layer):
                 tokens, d = layer.rule.token_factors(layer, recorded, per_call)
                 out.add_tokens(tokens, d.detach())
+                if proj is not None:
+                    proj.add_tokens(tokens, d.detach(), layer.rule.token_direction(layer, r_layer))
             else:
-                pooled.append(
-                    layer.rule.per_sample_gradients(layer, recorded, per_call).detach())
+                g = layer.rule.per_sample_gradients(layer, recorded, per_call).detach()
+                pooled.append(g)
+                if proj is not None:
+                    proj.add_gradients(g, layer.rule.gradient_direction(layer, r_layer))
         if self.foreign:
-            pooled.extend(jacobian.PerSampleJacobian(self.model, self.foreign).blocks(x))
+            blocks = self.foreign_jacobian.blocks(x)
+            pooled.extend(blocks)
+            if proj is not None:
+                for g, name in zip(blocks, self.foreign):
+                    proj.add_gradients(g, r[name].reshape(-1))
         out.add_gradients(pooled)
+        out.projection = proj
         return out
 
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,
@@ -199,46 +222,10 @@ class StructuredNTK:
         """Writes the kernel block between two factor sets into ``out``."""
         return contract(f1, f2, mode, out, symmetric)
 
-    def verify(self, xs: Tensor, projections: int = 2) -> float:
-        """Relative error of the structured kernel on a few samples against plain autograd.
-
-        For random coefficients ``c[n, a]`` the quadratic form ``Σ c_na c_mb Θ(x_n, x_m)_ab``
-        over all pairs of the S samples and all K outputs equals ``‖∇_θ Σ c_na f_a(x_n)‖²``:
-        one batched reverse pass of the model for all projections, and no Jacobian. A wrong
-        factorisation (a parameter also used outside its layer, for some samples only, or a
-        layer whose share is miscomputed) changes the form for almost every ``c``. The
-        structured side projects the factors on ``c`` first (K = 1).
-
-        Args:
-            xs (Tensor[S, *in_shape]): a few distinct samples.
-            projections (int): random coefficient sets tried.
-        Returns:
-            float: the largest ``|form_structured - form_autograd|`` over its bound
-            ``(Σ_n sqrt(Θ_nn))²`` (Cauchy-Schwarz), 0 when the kernel vanishes.
-        """
-        s = xs.shape[0]
-        factors = self.factors(xs)
-        params = list(self.params.values())
-        gen = torch.Generator(device=xs.device).manual_seed(1234)
-        with torch.enable_grad():
-            f = self.model(xs).reshape(s, -1)
-        cs = torch.randn((projections,) + f.shape, generator=gen, device=xs.device,
-                         dtype=f.dtype)
-        wants = _projected_squared_norms(f, params, cs)
-        worst = 0.0
-        for c, want in zip(cs, wants):
-            projected = [torch.einsum("nkq,nk->nq", d, c).unsqueeze(1) for d in factors.d]
-            tokens_d = [torch.einsum("ntkw,nk->ntw", d, c).unsqueeze(2) for d in factors.token_d]
-            gram = torch.empty(s, s, dtype=f.dtype, device=xs.device)
-            both = Factors(factors.h, projected, factors.c, factors.group, factors.tokens,
-                           tokens_d)
-            self.contract(both, both, "trace", gram)
-            got = float(gram.double().sum())
-            bound = float(gram.double().diagonal().clamp_min(0).sqrt().sum()) ** 2
-            scale = max(bound, abs(want))
-            if scale > 0:
-                worst = max(worst, abs(got - want) / scale)
-        return worst
+    def _relative(self, layer: Layer, r: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The direction's entries for a layer's parameters, by names relative to its module."""
+        name_of = {id(p): name for name, p in self.params.items()}
+        return {rel: r[name_of[id(p)]] for rel, p in layer.params.items()}
 
     def _assign(self, kept: list[Layer]) -> None:
         """Decides which parameters each kept layer accounts for; the rest are foreign.
@@ -260,7 +247,10 @@ class StructuredNTK:
                     layer.params[rel] = p
                     taken.add(id(p))
         self.layers = kept
-        self.foreign = {n: p for n, p in self.params.items() if id(p) not in taken}
+        foreign = {n: p for n, p in self.params.items() if id(p) not in taken}
+        if foreign.keys() != self.foreign.keys():
+            self.foreign_jacobian = jacobian.PerSampleJacobian(self.model, foreign)
+        self.foreign = foreign
 
 
 def blocking_modules(model: nn.Module) -> list[str]:
@@ -433,30 +423,6 @@ def _same_row(alone: Call, batched: Call, row: int) -> bool:
         elif not torch.equal(a, ref):
             return False
     return True
-
-
-def _projected_squared_norms(f: Tensor, params: list[Tensor], cs: Tensor) -> list[float]:
-    """``‖∇_θ Σ c_na f_a(x_n)‖²`` for each ``c`` in cs (Tensor[C, S, K]): one batched reverse
-    pass (one per projection where a backward lacks a batching rule), squared norms by BLAS
-    dots (half precision widened to float32 so they can't overflow)."""
-    if not f.requires_grad:  # the output doesn't depend on any parameter
-        return [0.0] * cs.shape[0]
-    grad = dict(allow_unused=True, materialize_grads=True)
-    try:
-        grads = torch.autograd.grad(f, params, cs, is_grads_batched=True, retain_graph=True,
-                                    **grad)
-    except RuntimeError:
-        grads = [torch.stack(g) for g in zip(*(
-            torch.autograd.grad(f, params, c, retain_graph=True, **grad) for c in cs))]
-    total = torch.zeros(cs.shape[0], dtype=torch.float64, device=f.device)
-    for g, p in zip(grads, params):
-        if g.shape == p.shape:  # unused: materialised without the projection axis, zeros
-            continue
-        v = g.reshape(cs.shape[0], 1, -1)
-        if v.dtype not in (torch.float32, torch.float64):
-            v = v.float()
-        total += torch.bmm(v, v.transpose(1, 2)).reshape(-1)
-    return total.tolist()
 
 
 def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:

@@ -23,10 +23,13 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+
+from torch_ntk.empirical import checks
 
 # One forward-AD level per process: calls on other threads wait here.
 _DUAL_LEVEL = threading.Lock()
@@ -45,12 +48,30 @@ def tolerance(dtype: torch.dtype) -> float:
     return _TOLERANCE.get(dtype, _HALF_TOLERANCE)
 
 
-def direction(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The random direction r: Tensor like each parameter, N(0, 1), the same on every call."""
+def direction(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The random direction r: Tensor like each parameter, N(0, 1), the same on every call.
+
+    Where autograd's gradient is by design not the derivative of the forward, r is zero, so
+    that forward mode sees what the backward does: the padding row of an Embedding (never
+    updated), and the whole table of one with ``scale_grad_by_freq`` (its gradient is scaled
+    by token counts; its share comes from each sample's own autograd gradient, unchecked).
+    """
     first = next(iter(params.values()))
     gen = torch.Generator(device=first.device).manual_seed(_SEED)
-    return {name: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            for name, p in params.items()}
+    r = {name: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+         for name, p in params.items()}
+    name_of = {id(p): name for name, p in params.items()}
+    for module in model.modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        name = name_of.get(id(module.weight))
+        if name is None:
+            continue
+        if module.scale_grad_by_freq:
+            r[name].zero_()
+        elif module.padding_idx is not None:
+            r[name][module.padding_idx].zero_()
+    return r
 
 
 class Projection:
@@ -114,6 +135,43 @@ def split_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor,
     if any(u is None for _, u in results):
         return Split(outputs, None)
     return Split(outputs, torch.cat([u for _, u in results])[inverse])
+
+
+@dataclass
+class Verdict:
+    """What ``check`` found on a block: ``ok``, or the first problem and where.
+
+    ``kind`` is "interact" (a sample's output changed with the samples beside it), "mismatch"
+    (the factors' ``J r`` differs from the model's) or "unverifiable" (no autograd mode could
+    compute the model's ``J r``); ``sample`` indexes the block; ``error`` is the mismatch
+    over its rounding scale.
+    """
+
+    ok: bool
+    kind: str = ""
+    sample: int = -1
+    error: float = 0.0
+    factors: Any = None
+
+
+def check(engine, x: Tensor, r: dict[str, Tensor], factors=None) -> Verdict:
+    """Checks an engine's factors of the block x (computed here when not given) against the
+    model's outputs and ``J r`` on a reordered split of the block."""
+    if factors is None:
+        factors = engine.factors(x, r)
+    split = split_forward(engine.model, engine.params, x, r)
+    f = factors.outputs
+    if f.numel():
+        scale = float(f.abs().max()) + float(split.outputs.abs().max()) + 1e-30
+        tol = checks.rounding_tolerance(f.dtype, f.shape[1])
+        moved = (split.outputs - f).abs().amax(dim=1) > tol * scale
+        if bool(moved.any()):
+            return Verdict(False, "interact", int(moved.nonzero()[0, 0]), factors=factors)
+    if split.jvp is None:
+        return Verdict(False, "unverifiable", factors=factors)
+    error, sample = worst(split.jvp, factors.projection)
+    ok = error <= tolerance(f.dtype)
+    return Verdict(ok, "" if ok else "mismatch", sample, error, factors)
 
 
 def worst(u: Tensor, projection: Projection) -> tuple[float, int]:

@@ -1,83 +1,259 @@
 """What a call must leave as it found it, and the settings every forward of a call runs under.
 
-``ModelState`` holds a model's lock and restores its registered tensors, buffers and training
-flags; ``no_autocast`` and ``exact_matmul`` set the process-wide switches of one call.
+``ModelState`` holds the locks of a model's modules and tensors and restores its registered
+tensors, their values, gradients and training flags. ``no_autocast`` (or ``call_settings``) and
+``exact_matmul`` set the switches of one call; the process-wide ones among them are saved by
+the first call that needs them and restored by the last, so overlapping calls from several
+threads leave the user's settings as they were.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+class _SharedSwitch:
+    """Process-wide settings held while at least one call needs them.
+
+    The first caller to enter saves the user's settings and sets ours (``setup``, a context
+    manager whose exit restores them); callers entering meanwhile only count; the last one to
+    leave restores. Nested and concurrent entries are both fine.
+    """
+
+    def __init__(self, setup: Callable[[], ContextManager[None]]) -> None:
+        self._setup = setup
+        self._guard = threading.Lock()
+        self._count = 0
+        self._stack: contextlib.ExitStack | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._guard:
+            if self._count == 0:
+                stack = contextlib.ExitStack()
+                stack.enter_context(self._setup())
+                self._stack = stack
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._count -= 1
+                if self._count == 0:
+                    stack, self._stack = self._stack, None
+                    stack.close()
+
+
 @contextlib.contextmanager
-def no_autocast():
+def _math_attention() -> Iterator[None]:
+    """Attention through the math backend of scaled_dot_product_attention, and without the
+    nested-tensor fast path of nn.MultiheadAttention / nn.TransformerEncoder (fused kernels
+    have no batching rules, and the fast path hands nested tensors to the probes)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def _tf32_off() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN, restored exactly in either of torch's APIs."""
+    backends = torch.backends
+    leaves = [leaf for leaf in (getattr(backends.cuda, "matmul", None),
+                                getattr(backends.cudnn, "conv", None),
+                                getattr(backends.cudnn, "rnn", None))
+              if leaf is not None and hasattr(leaf, "fp32_precision")]
+    precisions = [leaf.fp32_precision for leaf in leaves]
+    try:
+        legacy = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    except RuntimeError:  # the user set the new fp32_precision API: the legacy reads refuse
+        legacy = None
+    if legacy is None:
+        for leaf in leaves:
+            leaf.fp32_precision = "ieee"
+    else:
+        matmul_precision = _float32_matmul_precision()
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = legacy
+            # allow_tf32 is coarser than the precision ("medium" comes back as "high")
+            if matmul_precision is not None and _float32_matmul_precision() != matmul_precision:
+                torch.set_float32_matmul_precision(matmul_precision)
+        for leaf, precision in zip(leaves, precisions):
+            if leaf.fp32_precision != precision:
+                leaf.fp32_precision = precision
+
+
+def _float32_matmul_precision() -> str | None:
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch refuses to answer when the legacy and new APIs were mixed
+        return None
+
+
+_ATTENTION = _SharedSwitch(_math_attention)
+_TF32 = _SharedSwitch(_tf32_off)
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
     """How every forward of a call runs: autocast off (the kernel is the model's in its
-    parameters' dtype) and attention through the math backend of scaled_dot_product_attention
-    (the fused CPU/GPU kernels have no batching rules, which makes batched reverse passes and
-    per-sample gradients fall back to slow loops; the math backend computes the same function)."""
+    parameters' dtype), attention through the math backend of scaled_dot_product_attention and
+    the nested-tensor fast path of nn.TransformerEncoder / nn.MultiheadAttention off (the fused
+    kernels have no batching rules, which makes batched reverse passes and per-sample gradients
+    fall back to slow loops; the math path computes the same function).
+
+    Autocast is per thread; the attention switches are process-wide and shared by overlapping
+    calls (saved by the first to enter, restored by the last to leave).
+    """
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(_ATTENTION())
         yield
+
+
+def call_settings() -> ContextManager[None]:
+    """``no_autocast`` held for a whole call, so the process-wide switches are set once at its
+    start and restored once at its end instead of around each forward."""
+    return no_autocast()
 
 
 @contextlib.contextmanager
 def exact_matmul() -> Iterator[None]:
-    """TF32 off for CUDA matmuls and convolutions inside the block (checks compare values)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    """TF32 off for CUDA matmuls and convolutions inside the block (checks compare values).
+
+    The switch is process-wide: while any call is inside this block, other threads' matmuls
+    run without TF32 too; the user's setting comes back when the last such block ends.
+    """
+    with _TF32():
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
 
 
 class ModelState:
-    """Holds the model's lock and restores what a call must leave as it found it.
+    """Holds the locks of a model's parts and restores what a call must leave as it found it.
 
-    Calls on one model are serialised (hooks, probe forwards and torch.func's parameter swaps
-    act on the shared module); calls on different models run concurrently. Restored: every
-    module's registered parameters and buffers (a forward that reassigns ``self.n = ...``), the
-    buffers' values and every ``training`` flag.
+    Every submodule, parameter and buffer is locked: hooks, probe forwards and torch.func's
+    parameter swaps act on them, so two calls on models that share any of them (e.g. wrappers
+    around one backbone) run one after the other, while calls on disjoint models run
+    concurrently. All locks are taken at once, so calls never deadlock each other; a call nested
+    in a forward on the same thread re-enters what its thread holds.
+
+    Restored: every module's registered parameters and buffers (a forward that reassigns
+    ``self.n = ...``), the values of parameters and buffers changed in place (e.g. by
+    ``nn.Embedding(max_norm=...)``; untouched ones keep their version counter), each
+    parameter's ``grad`` and ``requires_grad``, and every ``training`` flag. Comparing values
+    costs one copy of the parameters and buffers, held for the call.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        with _LOCKS_GUARD:
-            self.lock = _LOCKS.setdefault(model, threading.RLock())
-        self.lock.acquire()
+        modules = list(model.modules())
+        registered = [(m, dict(m._parameters.items()), dict(m._buffers.items()))
+                      for m in modules]
+        tensors = list({id(t): t for _, params, buffers in registered
+                        for t in (*params.values(), *buffers.values()) if t is not None}.values())
+        self._held = modules + tensors
+        _acquire(self._held)
         try:
-            modules = list(model.modules())
-            self.registered = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
+            self.registered = registered
             self.training = [(m, m.training) for m in modules]
-            self.values = [(b, b.detach().clone()) for b in model.buffers()]
+            params = [t for t in tensors if isinstance(t, nn.Parameter)]
+            self.grads = [(p, p.grad, p.requires_grad) for p in params]
+            self.values = [(t, t.detach().clone()) for t in tensors if _has_data(t)]
         except BaseException:
-            self.lock.release()
+            _release(self._held)
             raise
 
     def restore(self) -> None:
+        """Puts everything back and releases the locks (once, even if restoring fails)."""
         try:
             for module, params, buffers in self.registered:
-                for now, saved in ((module._parameters, params), (module._buffers, buffers)):
-                    if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
-                        now.clear()
-                        now.update(saved)
+                _restore_registered(module, "_parameters", params)
+                _restore_registered(module, "_buffers", buffers)
             for module, flag in self.training:
-                module.training = flag
+                if module.training != flag:
+                    module.training = flag
+            for param, grad, requires_grad in self.grads:
+                if param.grad is not grad:
+                    param.grad = grad
+                if param.requires_grad != requires_grad:
+                    param.requires_grad_(requires_grad)
             with torch.no_grad():
-                for buffer, saved in self.values:
-                    if not torch.equal(buffer, saved):  # an untouched buffer keeps its version
-                        buffer.copy_(saved)
+                for tensor, saved in self.values:
+                    if tensor.shape != saved.shape or tensor.dtype != saved.dtype:
+                        tensor.data = saved  # the forward swapped its .data
+                    elif not torch.equal(_bits(tensor), _bits(saved)):  # untouched: same version
+                        tensor.copy_(saved)
         finally:
-            self.lock.release()
+            _release(self._held)
+
+
+# Internal helpers
+
+# id(object) -> [object, owning thread, depth]: modules and tensors some call holds now.
+_HELD: dict[int, list] = {}
+_HELD_CHANGED = threading.Condition(threading.Lock())
+
+
+def _acquire(objects: list) -> None:
+    """Waits until no other thread holds any of ``objects``, then holds them all at once."""
+    me = threading.get_ident()
+
+    def free() -> bool:
+        return all(_HELD.get(id(o), (None, me))[1] == me for o in objects)
+
+    with _HELD_CHANGED:
+        _HELD_CHANGED.wait_for(free)
+        for o in objects:
+            _HELD.setdefault(id(o), [o, me, 0])[2] += 1
+
+
+def _release(objects: list) -> None:
+    with _HELD_CHANGED:
+        for o in objects:
+            entry = _HELD[id(o)]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _HELD[id(o)]
+        _HELD_CHANGED.notify_all()
+
+
+def _restore_registered(module: nn.Module, slot: str, saved: dict) -> None:
+    """Puts back the tensors registered in ``module._parameters`` or ``_buffers``."""
+    now = getattr(module, slot)
+    if isinstance(now, dict):
+        if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
+            now.clear()
+            now.update(saved)
+        return
+    # A scripted module: its attributes are fixed, only their tensors can be reassigned.
+    current = dict(now.items())
+    for name, tensor in saved.items():
+        if current.get(name) is not tensor:
+            setattr(module, name, tensor)
+
+
+def _has_data(t: Tensor) -> bool:
+    return t.layout == torch.strided and t.device.type != "meta"
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The tensor's bits as integers, so NaNs and signed zeros compare exactly."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.is_floating_point():
+        return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                       8: torch.int64}[t.element_size()])
+    return t

@@ -12,12 +12,19 @@ recorded ``δ_a = ∂f_a/∂z`` as cotangent:
 
 computed with ``torch.func.vmap`` over samples and outputs. Modules torch.func cannot vmap
 (e.g. cuDNN recurrent layers) are handled one sample at a time with plain autograd.
+
+The inputs are every tensor of the call, nested ones included (an LSTMCell's ``(h, c)``, a list
+or dict argument), each taken along its own batch axis or shared when it has none. Sparse
+gradients (``nn.Embedding(sparse=True)``) are made dense. A backward that counts tokens
+(``scale_grad_by_freq``) sees one sample's tokens either way: vmap's embedding backward counts
+per sample, and the loop runs one sample at a time.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
@@ -48,15 +55,22 @@ class LocalRule(Rule):
 
 # Internal helpers
 
+def _inputs(call: Call) -> list[Tensor]:
+    """The call's tensor inputs (``input_tensors`` order), cut from the graph: a state nested
+    in a tuple (an LSTMCell's ``(h, c)``) may still carry the earlier calls' graph, which holds
+    this layer's parameters again."""
+    return [x.detach() for x in call.inputs()]
+
+
 def _rebuild(call: Call, tensors: list[Tensor]) -> tuple[tuple, dict]:
-    """The call's args and kwargs with its tensor arguments replaced by ``tensors``."""
+    """The call's args and kwargs with its tensors, nested ones included, replaced by
+    ``tensors`` (in ``input_tensors`` order), in the same tuples, lists and dicts."""
+    keys = sorted(call.kwargs)
+    leaves, spec = pytree.tree_flatten((tuple(call.args), [call.kwargs[key] for key in keys]))
     it = iter(tensors)
-    args = tuple(next(it) if isinstance(a, Tensor) else a for a in call.args)
-    kwargs = dict(call.kwargs)
-    for key in sorted(kwargs):
-        if isinstance(kwargs[key], Tensor):
-            kwargs[key] = next(it)
-    return args, kwargs
+    leaves = [next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+    args, values = pytree.tree_unflatten(leaves, spec)
+    return tuple(args), dict(zip(keys, values))
 
 
 def _vmapped(layer: Layer, call: Call, delta: list[Tensor]) -> Tensor:
@@ -77,7 +91,7 @@ def _vmapped(layer: Layer, call: Call, delta: list[Tensor]) -> Tensor:
         return vmap(lambda *dk: pullback(tuple(dk))[0])(*ds)
 
     grads = vmap(per_sample, in_dims=(list(in_dims), [d + 1 for d in out_dims]), out_dims=0)(
-        call.inputs(), delta)
+        _inputs(call), delta)
     n = delta[0].shape[out_dims[0] + 1]
     k = delta[0].shape[0]
     return torch.cat([grads[name].reshape(n, k, -1) for name in theta], dim=2)
@@ -88,9 +102,10 @@ def _looped(layer: Layer, call: Call, delta: list[Tensor]) -> Tensor:
     names = list(layer.params)
     params = [layer.params[name] for name in names]
     n = delta[0].shape[call.out_dims[0] + 1]
+    inputs = _inputs(call)
     rows = []
     for i in range(n):
-        xs = [x if d is None else x.narrow(d, i, 1) for x, d in zip(call.inputs(), call.in_dims)]
+        xs = [x if d is None else x.narrow(d, i, 1) for x, d in zip(inputs, call.in_dims)]
         args, kwargs = _rebuild(call, xs)
         with torch.enable_grad():
             outs = output_tensors(layer.module(*args, **kwargs))
@@ -108,7 +123,7 @@ def _vjp_rows(outs: list[Tensor], params: list[Tensor], seeds: list[Tensor]) -> 
     outs, seeds = zip(*used)
 
     def flat(grads: Any) -> Tensor:
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+        return torch.cat([_dense(g).reshape(g.shape[0], -1) for g in grads], dim=1)
 
     try:
         grads = torch.autograd.grad(outs, params, seeds, is_grads_batched=True,
@@ -118,4 +133,9 @@ def _vjp_rows(outs: list[Tensor], params: list[Tensor], seeds: list[Tensor]) -> 
         per_output = [torch.autograd.grad(outs, params, [s[a] for s in seeds], retain_graph=True,
                                           allow_unused=True, materialize_grads=True)
                       for a in range(k)]
-        return torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in per_output])
+        return torch.stack([torch.cat([_dense(g).reshape(-1) for g in gs]) for gs in per_output])
+
+
+def _dense(g: Tensor) -> Tensor:
+    """A gradient as a strided tensor (``nn.Embedding(sparse=True)`` gives sparse ones)."""
+    return g if g.layout == torch.strided else g.to_dense()

@@ -163,38 +163,16 @@ CASES = {
     "embedding_freq_lstm": (TokenLSTM, _tokens, "table"),
 }
 
-# Known failures outside the catch-all rule, by (case, method); "engine" is the engine alone.
-_CELL = ("structured._recording records an LSTMCell's outputs before cloning them; c is an "
-         "input of h inside the cell, so delta_c also holds the path through h and the cell's "
-         "share counts it twice")
-_BAG = ("verify: _embedding_bag has neither a forward-AD formula nor a double backward, so no "
-        "block of an EmbeddingBag model can be checked")
-_BAG_COUNTS = ("an unverifiable EmbeddingBag makes the Jacobian path use_autograd(): "
-               "jacobian.PerSampleJacobian._chunk_jacobian's batched reverse pass then counts "
-               "scale_grad_by_freq tokens over the chunk")
-_LSTM_COUNTS = ("torch.func can't vmap nn.LSTM, so jacobian.PerSampleJacobian._chunk_jacobian "
-                "runs a batched reverse pass: scale_grad_by_freq counts tokens over the chunk")
-XFAIL = {
-    ("lstm_cell_loop", "structured"): _CELL,
-    ("lstm_cell_loop", "engine"): _CELL,
-    ("embedding_bag_sparse", "structured"): _BAG,
-    ("embedding_bag_freq", "structured"): _BAG,
-    ("embedding_bag_freq", "auto"): _BAG_COUNTS,
-    ("embedding_bag_freq", "jacobian"): _BAG_COUNTS,
-    ("embedding_freq_lstm", "auto"): _LSTM_COUNTS,
-    ("embedding_freq_lstm", "jacobian"): _LSTM_COUNTS,
-}
+# Refused with a ValueError by (case, method): no autograd mode computes J r through
+# _embedding_bag with sparse gradients (no forward-AD formula, no double backward), so
+# method="structured" can't check its factors ("auto" takes plain autograd instead).
+REFUSED = {("embedding_bag_sparse", "structured"): "can't check its factors"}
 
 
 def _params(names, methods):
-    """(name, method) pairs, the known failures marked strict xfail."""
-    out = []
-    for name in names:
-        for method in methods:
-            reason = XFAIL.get((name, method))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            out.append(pytest.param(name, method, marks=marks, id=f"{name}-{method}"))
-    return out
+    """(name, method) pairs."""
+    return [pytest.param(name, method, id=f"{name}-{method}")
+            for name in names for method in methods]
 
 
 def _case(name: str):
@@ -251,6 +229,10 @@ def test_engine_matches_autograd(name, method, distinct):
 def test_catchall_matches_autograd(name, method, distinct):
     model, x1, x2, _ = _case(name)
     x2 = x2 if distinct else None
+    if (name, method) in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[name, method]):
+            torch_ntk.empirical_ntk(model, x1, x2, mode="full", method=method)
+        return
     got = torch_ntk.empirical_ntk(model, x1, x2, mode="full", method=method)
     assert_close(got, _reference(model, x1, x2), DTYPE, f"{name} {method}")
 

@@ -103,7 +103,7 @@ def user_flags():
     torch.backends.mha.set_fastpath_enabled(saved[-1])
 
 
-@pytest.mark.parametrize("switch", [state.exact_matmul, state.no_autocast, state.call_settings])
+@pytest.mark.parametrize("switch", [state.exact_matmul, state.no_autocast])
 def test_overlapping_switches_restore_the_user_settings(user_flags, switch):
     """A enters, B enters, A leaves, B leaves: the settings are ours until B leaves."""
     a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
@@ -233,15 +233,15 @@ def test_registered_tensors_and_flags_of_a_scripted_model_are_restored():
     assert torch.equal(bias, saved.values[1][1])
 
 
-def test_scripted_model_is_exact_or_refused():
+def test_scripted_model_is_exact_and_refused_by_structured():
     model = torch.jit.script(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))).double()
-    x = torch.randn(5, 3, dtype=F64)
-    expected = autograd_ntk(model, x, x)
-    try:
-        got = torch_ntk.empirical_ntk(model, x, method="jacobian")
-    except ValueError:
-        return
-    assert_close(got, expected, F64, "scripted jacobian")
+    x1, x2 = torch.randn(5, 3, dtype=F64), torch.randn(3, 3, dtype=F64)
+    expected = autograd_ntk(model, x1, x2)
+    for method in ("auto", "jacobian"):
+        assert_close(torch_ntk.empirical_ntk(model, x1, x2, method=method), expected, F64,
+                     f"scripted {method}")
+    with pytest.raises(ValueError, match="TorchScript"):
+        torch_ntk.empirical_ntk(model, x1, x2, method="structured")
 
 
 def test_out_overlapping_through_any_strides_is_refused():

@@ -10,7 +10,7 @@ from torch_ntk import _modes
 from torch_ntk.empirical import checks, state, verify
 from torch_ntk.empirical.factors import Factors
 from torch_ntk.empirical.jacobian import JacobianNTK
-from torch_ntk.empirical.structured import StructuredNTK, blocking_modules
+from torch_ntk.empirical.structured import StructureChanged, StructuredNTK, blocking_modules
 
 _PROBE_SIZES = (5, 7, 11, 13, 17, 19, 23)  # probe batch sizes: a size no other axis has
 _FACTOR_BYTES = 512 * 2 ** 20    # default budget for the factors of one block of inputs
@@ -63,7 +63,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         torch.Size([5, 5])
     """
     with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size) as plan:
-        checks.check_out(out, plan.shape, plan.dtype, inputs=(x1, x2))
+        checks.check_out(out, plan.shape, plan.dtype, inputs=(x1, x2), model=plan.model)
         result = torch.empty(plan.shape, dtype=plan.dtype, device=x1.device) if out is None else out
         direct = result.device == x1.device
         for i, j in plan.tiles():
@@ -102,6 +102,7 @@ class KernelPlan:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
+        checks.check_materialised(model)
         self.model, self.x1, self.x2 = model, x1, x2
         self.mode, self.method, self.batch_size = mode, method, batch_size
         self.symmetric = x2 is None
@@ -113,7 +114,7 @@ class KernelPlan:
             # Under the model's lock: another call may have parameters swapped out right now.
             self.params = checks.check_model(self.model)
             checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
-            with state.no_autocast():
+            with state.no_autocast(), checks.checkpoint_errors():
                 self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
                                                      self.method)
             x2 = self.x1 if self.x2 is None else self.x2
@@ -195,9 +196,16 @@ class KernelPlan:
         the real model instead of torch.func. Factors computed before the change are dropped.
         """
         while True:
-            with state.no_autocast(), state.exact_matmul():
-                verdict = verify.check(self.engine, x, self.direction,
-                                       self.engine.factors(x, self.direction))
+            with state.no_autocast(), state.exact_matmul(), checks.checkpoint_errors():
+                try:
+                    factors = self.engine.factors(x, self.direction)
+                except StructureChanged:
+                    if self.method != "auto":
+                        raise
+                    self.engine = _fallback(self.model, self.params, "structure")
+                    self._changed()
+                    continue
+                verdict = verify.check(self.engine, x, self.direction, factors)
                 if verdict.ok or self._repair(x, verdict, start, side):
                     return verdict.factors
 
@@ -278,6 +286,15 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
     Returns:
         (engine, K): K the number of outputs per sample.
     """
+    scripted = [name or "<root>" for name, m in model.named_modules()
+                if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:  # no hooks and no torch.func parameter swaps: plain autograd on the model
+        if method == "structured":
+            raise ValueError(
+                f"empirical_ntk: method='structured' can't record the calls of TorchScript "
+                f"module(s) {', '.join(scripted)} (they take no hooks). Use method='auto' or "
+                "'jacobian', or pass the module before torch.jit.script.")
+        method = "jacobian"
     samples = _distinct_samples(x1, x2)
     with state.exact_matmul():
         for size in _PROBE_SIZES:
@@ -288,6 +305,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             with checks.input_dtype_errors(x1, params):
                 if method == "jacobian":
                     engine = JacobianNTK(model, params)
+                    if scripted:
+                        engine.jacobian.use_autograd()
                     with torch.no_grad():
                         f_probe = model(probe)
                     break
@@ -354,8 +373,9 @@ def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
     """Up to 3 samples from x1 and x2 (first, last, middle), with two distinct at least.
 
     When every candidate is the same, the last becomes a perturbed copy (noise for floating
-    inputs, the entries rolled along the last axis for integer ones), so that samples that
-    interact can't hide behind identical rows.
+    inputs, the entries rolled along the last axis for integer ones, or moved by one towards 0
+    when that changes nothing: a constant row), so that samples that interact can't hide behind
+    identical rows.
     """
     picks = [x1[:1], x1[-1:]] + ([] if x2 is None else [x2[:1], x2[-1:]]) + [
         x1[x1.shape[0] // 2:x1.shape[0] // 2 + 1]]
@@ -369,8 +389,10 @@ def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
             gen = torch.Generator(device=x.device).manual_seed(0)
             noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             other = x + noise * (0.5 * float(x.abs().max()) + 1e-3)
-        else:
+        else:  # rolled, or each entry moved by one towards 0 when rolling changes nothing
             other = x.roll(1, dims=-1) if x.dim() > 1 else x
+            if torch.equal(other, x):
+                other = torch.where(x > 0, x - 1, x + 1)
         distinct.append(other)
     return torch.cat(distinct)
 

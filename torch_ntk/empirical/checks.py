@@ -32,6 +32,18 @@ def check_options(mode: str, method: str, batch_size: int | None) -> int | None:
     return None if batch_size is None else int(batch_size)
 
 
+def check_materialised(model: nn.Module) -> None:
+    """Refuses a model with lazy modules not yet run, before anything touches them."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
+                module.has_uninitialized_params():
+            raise ValueError(
+                f"empirical_ntk: module {name or type(model).__name__!r} "
+                f"({type(module).__name__}) has uninitialised (lazy) parameters, so the model "
+                "has no parameters to differentiate yet. Run one forward on an example batch "
+                "first (e.g. model(x1[:1])) to materialise them.")
+
+
 def check_model(model: nn.Module) -> dict[str, Tensor]:
     """Returns the model's trainable parameters by name; rejects models that can't have an NTK."""
     if not isinstance(model, nn.Module):
@@ -109,6 +121,21 @@ def check_inputs(x1: Tensor, x2: Tensor | None, param: Tensor) -> None:
         raise ValueError(f"empirical_ntk: x1 has dtype {x1.dtype} but x2 has {x2.dtype}.")
 
 
+@contextlib.contextmanager
+def checkpoint_errors() -> Iterator[None]:
+    """Turns autograd's refusal of a reentrant ``torch.utils.checkpoint`` into a ValueError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "use_reentrant" not in str(exc):
+            raise
+        raise ValueError(
+            "empirical_ntk: the model runs torch.utils.checkpoint with use_reentrant=True, "
+            "which torch.autograd.grad can't differentiate through, so no per-sample gradient "
+            "exists here. Call checkpoint(..., use_reentrant=False) (same memory savings, and "
+            "PyTorch's recommended form).") from exc
+
+
 def check_output(f: object, n: int, where: str) -> Tensor:
     """Checks one forward result ``f`` (Tensor[n, *out_shape]) and returns it flat (n, K)."""
     if not isinstance(f, Tensor):
@@ -125,6 +152,10 @@ def check_output(f: object, n: int, where: str) -> Tensor:
             f"gradients, got dtype {f.dtype}. Return the output before any rounding, argmax or "
             "cast (e.g. .long(), .bool()), and split a complex output into real and imaginary "
             "parts (torch.view_as_real).")
+    if f.numel() == 0:
+        raise ValueError(
+            f"empirical_ntk: the model has no outputs per sample (output shape "
+            f"{tuple(f.shape)}, K = 0), so its NTK is empty. Return at least one output.")
     if not bool(torch.isfinite(f).all()):
         raise ValueError(
             f"empirical_ntk: the model's output is not finite (NaN or inf) on {where}; its NTK is "

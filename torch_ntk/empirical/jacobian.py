@@ -159,8 +159,9 @@ class PerSampleJacobian:
         The first chunk is one sample (it tells K); later ones hold ``_SEEDS // K`` samples.
         """
         chunks, outputs, start = [], [], 0
-        while start < x.shape[0]:
-            size = max(1, _SEEDS // self._k) if self._k else 1
+        counts_tokens = any(getattr(m, "scale_grad_by_freq", False) for m in self.model.modules())
+        while start < x.shape[0]:  # a gradient that counts tokens must see one sample
+            size = max(1, _SEEDS // self._k) if self._k and not counts_tokens else 1
             jac, f = self._chunk_jacobian(x[start:start + size])
             chunks.append(jac)
             outputs.append(f)

@@ -1,7 +1,7 @@
 """What a call must leave as it found it, and the settings every forward of a call runs under.
 
 ``ModelState`` holds the locks of a model's modules and tensors and restores its registered
-tensors, their values, gradients and training flags. ``no_autocast`` (or ``call_settings``) and
+tensors, their values, gradients and training flags. ``no_autocast`` and
 ``exact_matmul`` set the switches of one call; the process-wide ones among them are saved by
 the first call that needs them and restored by the last, so overlapping calls from several
 threads leave the user's settings as they were.
@@ -123,12 +123,6 @@ def no_autocast() -> Iterator[None]:
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(_ATTENTION())
         yield
-
-
-def call_settings() -> ContextManager[None]:
-    """``no_autocast`` held for a whole call, so the process-wide switches are set once at its
-    start and restored once at its end instead of around each forward."""
-    return no_autocast()
 
 
 @contextlib.contextmanager

@@ -303,31 +303,50 @@ def _owners(model: nn.Module) -> dict[int, int]:
 def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, list]]:
     """Forward hooks recording each call of each layer's module; always removed.
 
-    With ``clone`` the hook returns clones of the outputs, so that in-place operations later in
-    the forward can't rewrite the recorded ``z``.
+    The recorded arguments are those the call received before any forward pre-hook (a rule
+    that re-runs the module runs its hooks once); the outputs are those after every forward
+    hook. Calls made while autograd runs a backward (a checkpointed region recomputing its
+    forward) are not calls of the forward and are not recorded. With ``clone`` the hook
+    returns clones of the outputs, so that in-place operations later in the forward can't
+    rewrite the recorded ``z``.
     """
     calls: dict[int, list[_Recorded]] = {id(l.module): [] for l in layers}
+    pending: dict[int, list[tuple]] = {id(l.module): [] for l in layers}
     handles = []
+
+    def detached(tree):
+        return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+    def in_backward() -> bool:
+        return torch._C._current_graph_task_id() != -1
+
+    def pre_hook(module, args, kwargs):
+        if not in_backward():
+            pending[id(module)].append((detached(args), detached(kwargs)))
 
     def hook_for(layer: Layer):
         registered = {rel: layer.module.get_parameter(rel) for rel in layer.params}
 
         def hook(module, args, kwargs, output):
+            if in_backward() or not pending[id(module)]:
+                return None
+            args, kwargs = pending[id(module)].pop()
             outs = output_tensors(output)
+            if clone and outs:  # δ of the clones: only what the rest of the forward does
+                output = pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o,
+                                         output)
+                outs = output_tensors(output)
             own = all(_current(module, rel) is p for rel, p in registered.items())
-            call = _Recorded(tuple(a.detach() if isinstance(a, Tensor) else a for a in args),
-                             {k: v.detach() if isinstance(v, Tensor) else v
-                              for k, v in kwargs.items()},
-                             outs if outs is not None else [])
+            call = _Recorded(args, kwargs, outs if outs is not None else [])
             call.own = own and outs is not None and len(outs) > 0
             calls[id(module)].append(call)
-            if clone and outs:
-                return pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o, output)
-            return None
+            return output if clone and outs else None
         return hook
 
     try:
         for layer in layers:
+            handles.append(layer.module.register_forward_pre_hook(
+                pre_hook, prepend=True, with_kwargs=True))
             handles.append(layer.module.register_forward_hook(hook_for(layer), with_kwargs=True))
         yield calls
     finally:
@@ -376,10 +395,14 @@ def _signature(call: Call) -> tuple:
             tuple(strip(t, d) for t, d in zip(call.outputs, call.out_dims)))
 
 
+class StructureChanged(ValueError):
+    """A block called a layer differently from the probe (``auto`` takes the Jacobian)."""
+
+
 def _check_calls(layer: Layer, calls: list[_Recorded], n: int) -> None:
     """Every block must call the layer as the probe did, with n samples on the batch axes."""
     if len(calls) != layer.calls:
-        raise ValueError(
+        raise StructureChanged(
             f"empirical_ntk: layer {layer.name!r} was called {len(calls)} times on one batch but "
             f"{layer.calls} times on another; the model's structure depends on its input. Use "
             "method='jacobian'.")
@@ -391,7 +414,7 @@ def _check_calls(layer: Layer, calls: list[_Recorded], n: int) -> None:
         ok = ok and all(_fits(t, shape, d, n) for t, (shape, d) in zip(call.inputs(), ins))
         ok = ok and all(_fits(t, shape, d, n) for t, (shape, d) in zip(call.outputs, outs))
         if not ok:
-            raise ValueError(
+            raise StructureChanged(
                 f"empirical_ntk: layer {layer.name!r} was called with other shapes on a block "
                 f"of {n} inputs than on the probe; the model's structure depends on its input "
                 "or batch size. Use method='jacobian'.")
@@ -440,7 +463,9 @@ def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:
         try:
             got = torch.autograd.grad(f, [zs[i] for i in live], seeds, is_grads_batched=True,
                                       allow_unused=True)
-        except RuntimeError:  # some backward formulas lack a batching rule: one pass per output
+        except RuntimeError as exc:  # some backward lacks a batching rule: one pass per output
+            if "use_reentrant" in str(exc):
+                raise
             per_output = [torch.autograd.grad(f, [zs[i] for i in live], seeds[a],
                                               retain_graph=True, allow_unused=True)
                           for a in range(k)]

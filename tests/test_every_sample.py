@@ -1,0 +1,365 @@
+"""What happens on one sample the probe never sees: each block of x1 and x2 is checked, so a
+rare data-dependent path gives the exact kernel (auto, jacobian) or a ValueError that names the
+layer and the sample (structured), never a wrong number."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_ntk
+from conftest import assert_close, autograd_ntk
+
+F64 = torch.float64
+
+
+def _inputs(n: int, rare: list[int], features: int = 4) -> torch.Tensor:
+    """n samples whose first feature is below 1, except at ``rare`` (3.0 there)."""
+    x = torch.randn(n, features, dtype=F64)
+    x[:, 0] = x[:, 0].clamp(-1, 1)
+    x[rare, 0] = 3.0
+    return x
+
+
+def _reference(model, x1, x2=None):
+    return autograd_ntk(model, x1, x1 if x2 is None else x2)
+
+
+def _exact_or_named(model, x1, x2, culprit: str | None, sample: str, **kw):
+    """auto and jacobian exact against per-sample autograd; structured refuses, naming the
+    layer (when given) and the sample."""
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "jacobian"):
+        got = torch_ntk.empirical_ntk(model, x1, x2, method=method, **kw)
+        assert_close(got, ref, F64, method)
+    if culprit is not None:
+        with pytest.raises(ValueError, match=rf"{sample}.*{culprit}|{culprit}.*{sample}"):
+            torch_ntk.empirical_ntk(model, x1, x2, method="structured", **kw)
+
+
+class RareReuse(nn.Module):
+    """The head's weight also acts through F.linear on samples whose first feature is rare."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        gate = (x[:, :1] > 2.5).to(x.dtype)
+        return self.head(h) + gate * F.linear(h, self.head.weight)
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_rare_reuse_on_one_sample_of_x1(batch_size):
+    model = RareReuse().double()
+    x1 = _inputs(12, rare=[9])
+    _exact_or_named(model, x1, None, "head", "sample 9 of x1", batch_size=batch_size)
+
+
+def test_rare_reuse_on_the_last_sample_of_x2():
+    model = RareReuse().double()
+    x1, x2 = _inputs(7, rare=[]), _inputs(6, rare=[5])
+    _exact_or_named(model, x1, x2, "head", "sample 5 of x2")
+
+
+class RareConvReuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        gate = (x[:, :1, :1, :1] > 2.5).to(x.dtype)
+        h = h + gate * F.conv2d(h, self.conv.weight, padding=1)
+        return self.head(h.flatten(1))
+
+
+def test_rare_conv2d_reuse():
+    model = RareConvReuse().double()
+    x = torch.randn(8, 2, 4, 4, dtype=F64).clamp(-1, 1)
+    x[6, 0, 0, 0] = 3.0
+    _exact_or_named(model, x, None, "conv", "sample 6 of x1")
+
+
+class BranchReuse(nn.Module):
+    """A Python branch on the batch: when any sample is rare, a hidden layer is applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        out = torch.tanh(self.mid(h))
+        if bool((x[:, 0] > 2.5).any()):
+            twice = torch.tanh(F.linear(out, self.mid.weight, self.mid.bias))
+            out = torch.where(x[:, :1] > 2.5, twice, out)
+        return self.b(out)
+
+
+def test_python_branch_that_reuses_a_weight_on_a_rare_sample():
+    model = BranchReuse().double()
+    x1, x2 = _inputs(9, rare=[]), _inputs(5, rare=[3])
+    _exact_or_named(model, x1, x2, "mid", "sample 3 of x2")
+
+
+class RareReorder(nn.Module):
+    """A rare feature makes the model sort the batch around its first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        if bool((x[:, 0] > 2.5).any()):
+            order = x[:, 1].argsort()
+            h = torch.tanh(self.a(x[order]))[order.argsort()]
+        else:
+            h = torch.tanh(self.a(x))
+        return self.b(h)
+
+
+def test_batch_reordered_only_when_a_rare_sample_is_present():
+    model = RareReorder().double()
+    x = _inputs(10, rare=[7])
+    _exact_or_named(model, x, None, "a", "of x1", batch_size=4)
+
+
+def test_forward_pre_hook_on_rare_samples_is_applied_once():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model[0].register_forward_pre_hook(
+        lambda m, args: (args[0] * (1 + (args[0][:, :1] > 2.5).to(args[0].dtype)),))
+    x = _inputs(8, rare=[5])
+    ref = _reference(model, x)
+    for method in ("auto", "structured", "jacobian"):
+        assert_close(torch_ntk.empirical_ntk(model, x, method=method), ref, F64, method)
+
+
+def test_forward_hook_that_reads_a_peer_weight():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5)).double()
+    peer = model[2]
+
+    def hook(module, args, out):
+        gate = (args[0][:, :1] > 2.5).to(out.dtype)
+        return out + gate * F.linear(out, peer.weight)
+
+    model[0].register_forward_hook(hook)
+    x = _inputs(8, rare=[6])
+    _exact_or_named(model, x, None, "2", "sample 6 of x1")
+
+
+class ListCache(nn.Module):
+    """A weight also held in a plain Python list, which torch.func's swaps don't reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.cache = [self.a.weight]
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + 0.5 * F.linear(h, self.cache[0]))
+
+
+def test_weight_held_in_a_python_list():
+    model = ListCache().double()
+    x1, x2 = torch.randn(6, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    _exact_or_named(model, x1, x2, "a", "of x1")
+    for mode in ("trace", "diagonal"):
+        ref = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian")
+        got = torch_ntk.empirical_ntk(model, x1, x2, mode=mode)
+        want = ref.diagonal(dim1=2, dim2=3)
+        assert_close(got, want.sum(-1) if mode == "trace" else want, F64, mode)
+
+
+class RareMean(nn.Module):
+    """Samples interact only through one rare sample: it adds the batch mean to itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + (x[:, :1] > 2.5).to(x.dtype) * h.mean(0)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
+def test_interaction_through_a_rare_sample_is_refused(method):
+    x = _inputs(12, rare=[10])
+    with pytest.raises(ValueError, match="sample 10 of x1 changed when the samples beside it"):
+        torch_ntk.empirical_ntk(RareMean().double(), x, method=method)
+
+
+class GradientOnlyMix(nn.Module):
+    """Outputs per sample, but gradients mixed across the batch (a detached mean trick)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + h.mean(0) - h.mean(0).detach()
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
+def test_samples_that_interact_only_through_gradients_are_refused(method):
+    with pytest.raises(ValueError):
+        torch_ntk.empirical_ntk(GradientOnlyMix().double(), torch.randn(6, 4, dtype=F64),
+                                method=method)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_factors_beyond_float32_whose_kernel_fits():
+    """A layer with inputs near 1e20 and output gradients near 1e-20: its Grams overflow and
+    underflow float32, its share of the kernel doesn't."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), Scale(1e-20), nn.Tanh(),
+                          nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(1e20)
+        model[0].bias.mul_(1e20)
+    x = torch.randn(5, 4)
+    ref = _reference(model.double(), x.double())
+    model.float()
+    for method in ("auto", "structured", "jacobian"):
+        got = torch_ntk.empirical_ntk(model, x, method=method)
+        assert torch.isfinite(got).all(), method
+        assert_close(got.double(), ref, torch.float32, method)
+
+
+def test_half_precision_factors_that_overflow():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = 70 + torch.rand(4, 16)
+    ref = _reference(model.double(), x.double())
+    got = torch_ntk.empirical_ntk(model.half(), x.half(), method="structured")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_a_kernel_beyond_the_dtype_is_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(1e21)
+    with pytest.raises(ValueError, match="not finite in torch.float32"):
+        torch_ntk.empirical_ntk(model, torch.randn(3, 4))
+
+
+class Routed(nn.Module):
+    """Top-1 routing by a Python loop over samples: vmap can't run it, and an expert may get
+    no sample of a chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 3)
+        self.experts = nn.ModuleList(nn.Linear(4, 2) for _ in range(3))
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(1)
+        rows = [self.experts[int(c.item())](x[i:i + 1]) for i, c in enumerate(choice)]
+        return torch.cat(rows) * torch.softmax(self.gate(x), 1)[:, :1]
+
+
+def test_routing_with_item_and_unused_experts():
+    torch.manual_seed(1)
+    model = Routed().double()
+    x1, x2 = torch.randn(9, 4, dtype=F64), torch.randn(4, 4, dtype=F64)
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "jacobian"):
+        assert_close(torch_ntk.empirical_ntk(model, x1, x2, method=method), ref, F64, method)
+
+
+def test_outputs_of_size_zero_are_refused():
+    class Empty(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)[:, :0]
+
+    with pytest.raises(ValueError, match="no outputs"):
+        torch_ntk.empirical_ntk(Empty(3, 2).double(), torch.randn(4, 3, dtype=F64))
+
+
+def test_lazy_modules_are_refused_before_anything_is_materialised():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="uninitialised"):
+        torch_ntk.empirical_ntk(model, torch.randn(4, 5))
+    assert isinstance(model[0], nn.LazyLinear) and model[0].has_uninitialized_params()
+
+
+class Grows(nn.Module):
+    """A block holding a rare sample calls a layer twice; the others call it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        rare = x[:, :1] > 2.5
+        if bool(rare.any()):  # only then a second call, whose result only rare samples keep
+            h = torch.where(rare, torch.tanh(self.a(h)), h)
+        return self.b(h)
+
+
+def test_auto_takes_the_jacobian_when_the_structure_changes_with_the_input():
+    model = Grows().double()
+    x1 = _inputs(10, rare=[8])
+    ref = _reference(model, x1)
+    assert_close(torch_ntk.empirical_ntk(model, x1, batch_size=4), ref, F64, "auto")
+    with pytest.raises(ValueError, match="structure depends on its input"):
+        torch_ntk.empirical_ntk(model, x1, method="structured", batch_size=4)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem, self.a, self.b, self.c = (nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, 5),
+                                             nn.Linear(5, 2))
+
+    def block(self, h):
+        return torch.tanh(self.b(torch.tanh(self.a(h))))
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, self.stem(x),
+                                              use_reentrant=self.reentrant)
+        return self.c(h)
+
+
+def test_non_reentrant_checkpoint():
+    model = Checkpointed(False).double()
+    x1, x2 = torch.randn(5, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "structured", "jacobian"):
+        assert_close(torch_ntk.empirical_ntk(model, x1, x2, method=method), ref, F64, method)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
+def test_reentrant_checkpoint_is_named(method):
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        torch_ntk.empirical_ntk(Checkpointed(True).double(), torch.randn(5, 4, dtype=F64),
+                                method=method)
+
+
+def test_constant_integer_rows_of_a_batch_mixing_model_are_refused():
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.head = nn.Embedding(6, 3), nn.Linear(3, 2)
+
+        def forward(self, t):
+            h = self.e(t).mean(1)
+            return self.head(h + h.mean(0))
+
+    with pytest.raises(ValueError, match="depends on the other samples"):
+        torch_ntk.empirical_ntk(Mixing().double(), torch.full((4, 5), 3))

@@ -142,8 +142,9 @@ class ModelState:
     Every submodule, parameter and buffer is locked: hooks, probe forwards and torch.func's
     parameter swaps act on them, so two calls on models that share any of them (e.g. wrappers
     around one backbone) run one after the other, while calls on disjoint models run
-    concurrently. All locks are taken at once, so calls never deadlock each other; a call nested
-    in a forward on the same thread re-enters what its thread holds.
+    concurrently. The modules' locks are taken at once, then (with the registrations read under
+    them) the tensors' at once; only a call that has all it needs holds tensors, so calls never
+    deadlock each other. A call nested in a forward on the same thread re-enters what its thread holds.
 
     Restored: every module's registered parameters and buffers (a forward that reassigns
     ``self.n = ...``), the values of parameters and buffers changed in place (e.g. by
@@ -154,12 +155,18 @@ class ModelState:
 
     def __init__(self, model: nn.Module) -> None:
         modules = list(model.modules())
-        registered = [(m, dict(m._parameters.items()), dict(m._buffers.items()))
-                      for m in modules]
-        tensors = list({id(t): t for _, params, buffers in registered
-                        for t in (*params.values(), *buffers.values()) if t is not None}.values())
+        _acquire(modules)  # first: another call may have parameters swapped out right now
+        try:
+            registered = [(m, dict(m._parameters.items()), dict(m._buffers.items()))
+                          for m in modules]
+            tensors = list({id(t): t for _, params, buffers in registered
+                            for t in (*params.values(), *buffers.values())
+                            if t is not None}.values())
+            _acquire(tensors)
+        except BaseException:
+            _release(modules)
+            raise
         self._held = modules + tensors
-        _acquire(self._held)
         try:
             self.registered = registered
             self.training = [(m, m.training) for m in modules]

@@ -332,7 +332,7 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
                 return None
             args, kwargs = pending[id(module)].pop()
             outs = output_tensors(output)
-            if clone and outs:  # δ of the clones: only what the rest of the forward does
+            if clone and outs:  # recorded: clones of the outputs; returned: their clones
                 output = pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o,
                                          output)
                 outs = output_tensors(output)
@@ -340,7 +340,9 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
             call = _Recorded(args, kwargs, outs if outs is not None else [])
             call.own = own and outs is not None and len(outs) > 0
             calls[id(module)].append(call)
-            return output if clone and outs else None
+            if clone and outs:
+                return pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o, output)
+            return None
         return hook
 
     try:

@@ -23,7 +23,7 @@ def _check(model, x1, x2=None, batch_size=None):
 def _engine(model, x):
     """The structured engine as empirical_ntk plans and checks it."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    engine, _ = _choose_engine(model, params, x, None, "structured")
+    engine, _, _ = _choose_engine(model, params, x, None, "structured")
     assert isinstance(engine, StructuredNTK)
     return engine
 

@@ -115,8 +115,8 @@ class KernelPlan:
             self.params = checks.check_model(self.model)
             checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
             with state.no_autocast(), checks.checkpoint_errors():
-                self.engine, self.k = _choose_engine(self.model, self.params, self.x1, self.x2,
-                                                     self.method)
+                self.engine, self.k, self.computing = _choose_engine(
+                    self.model, self.params, self.x1, self.x2, self.method)
             x2 = self.x1 if self.x2 is None else self.x2
             n1, n2 = self.x1.shape[0], x2.shape[0]
             self.shape = _modes.kernel_shape(n1, n2, self.k, self.mode)
@@ -205,7 +205,8 @@ class KernelPlan:
                     self.engine = _fallback(self.model, self.params, "structure")
                     self._changed()
                     continue
-                verdict = verify.check(self.engine, x, self.direction, factors)
+                verdict = verify.check(self.engine, x, self.direction, factors,
+                                       self.computing)
                 if verdict.ok or self._repair(x, verdict, start, side):
                     return verdict.factors
 
@@ -235,7 +236,7 @@ class KernelPlan:
                 "disagrees with its forward), so no NTK can be taken exactly.")
         sample = x[verdict.sample:verdict.sample + 1]
         if verdict.kind == "mismatch" and self._repairs <= _REPAIRS:
-            dropped = engine.isolate(sample, self.direction)
+            dropped = engine.isolate(sample, self.direction, dtype=self.computing)
         else:
             dropped = None
         if self.method == "structured":
@@ -284,7 +285,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
       the Jacobian method).
 
     Returns:
-        (engine, K): K the number of outputs per sample.
+        (engine, K, computing dtype): K the number of outputs per sample; the least precise
+        floating dtype the model computes in (``verify.computing_dtype``).
     """
     scripted = [name or "<root>" for name, m in model.named_modules()
                 if isinstance(m, torch.jit.ScriptModule)]
@@ -320,7 +322,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
         with torch.no_grad():
-            checks.check_deterministic(f_probe, checks.check_output(model(probe), size, "x1"))
+            again, computing = verify.computing_dtype(lambda: model(probe), f_probe.dtype)
+            checks.check_deterministic(f_probe, checks.check_output(again, size, "x1"))
             for row in range(samples.shape[0]):
                 if method == "jacobian":
                     f_single = model(probe[row:row + 1])
@@ -329,7 +332,7 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     moved.update(bad)
                 checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"), row)
         if method == "jacobian":
-            return engine, f_probe.shape[1]
+            return engine, f_probe.shape[1], computing
         moved = sorted(moved)
         if moved and method == "structured":
             raise ValueError(
@@ -345,8 +348,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     "empirical_ntk: method='structured' found no layer whose calls keep the "
                     "batch on one axis; the trainable parameters live in "
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
-            return _fallback(model, params, "no layer"), k
-    return engine, k
+            return _fallback(model, params, "no layer"), k, computing
+    return engine, k, computing
 
 
 def _too_costly(engine: StructuredNTK, params: dict[str, Tensor], k: int) -> bool:

@@ -7,9 +7,11 @@ callers tile the inputs.
 
 Models that ``torch.func.vmap`` cannot run (e.g. ``nn.RNN``/``nn.GRU``/``nn.LSTM``, whose
 kernels have no batching rule, or forwards that call ``.item()``) get the same Jacobian from
-plain autograd, one reverse pass per sample and output. Which path a model takes is decided on
-its first block (``PerSampleJacobian.vmap``) and kept for the following ones; a model that vmap
-could not run is remembered (weakly, by identity), so later calls go straight to autograd.
+plain autograd, one reverse pass per sample and output. Each block tries vmap until one fails
+(``PerSampleJacobian.vmap``; some batching rules fail at one block size only), then autograd
+is kept; a model that vmap could not run is remembered (weakly, by identity), so later calls
+go straight to autograd. So is one whose Jacobian the checks found torch.func to get wrong
+(a parameter also held outside its registered attribute: ``use_autograd``).
 """
 from __future__ import annotations
 
@@ -71,15 +73,16 @@ class JacobianNTK:
 class PerSampleJacobian:
     """Per-sample Jacobians of one model w.r.t. a fixed set of its parameters.
 
-    The first block tries ``vmap(jacrev)``. When torch.func cannot run the model there, the
-    block is recomputed by plain autograd (a batched forward per chunk of samples, one reverse
+    Each block tries ``vmap(jacrev)`` until it fails once. When torch.func cannot run the model
+    on a block, the block is recomputed by plain autograd (a batched forward per chunk of samples, one reverse
     pass per sample and output, batched); only if that succeeds is the model marked as not
     vmappable, so an error of the model itself (bad input shape, non-finite output) is raised
     as it would be without vmap.
 
     Attributes:
-        vmap (bool or None): the path chosen, ``None`` until the first block (``False`` from
-            the start for a model vmap has already failed on).
+        vmap (bool or None): the path taken, ``None`` until the first block, ``False`` once
+            vmap failed or ``use_autograd`` was called (from the start for a model vmap has
+            already failed on).
         vmap_error (str or None): why vmap could not run the model, when it could not.
     """
 
@@ -97,6 +100,9 @@ class PerSampleJacobian:
         """Takes the Jacobian from plain autograd on the real model from now on (torch.func's
         parameter swaps miss a parameter also held outside its registered attribute)."""
         self.vmap = False
+        self.vmap_error = "its Jacobian under torch.func differed from the real model's"
+        with _NOT_VMAPPABLE_GUARD:
+            _NOT_VMAPPABLE[self.model] = self.vmap_error
 
     def __call__(self, x: Tensor) -> Tensor:
         """Jacobian of the flattened per-sample output w.r.t. the parameters.
@@ -110,9 +116,9 @@ class PerSampleJacobian:
 
     def blocks(self, x: Tensor) -> list[Tensor]:
         """The Jacobian per parameter, in order: Tensor[n, K, P_θ] each (θ flattened)."""
-        if self.vmap is None:
-            return self._decide(x)
-        return self._vmapped(x) if self.vmap else self._autograd(x)
+        if self.vmap is False:
+            return self._autograd(x)
+        return self._decide(x)  # also later blocks: vmap can fail on one size only
 
     def _decide(self, x: Tensor) -> list[Tensor]:
         try:
@@ -129,9 +135,6 @@ class PerSampleJacobian:
         with _NOT_VMAPPABLE_GUARD:
             _NOT_VMAPPABLE[self.model] = error
         return jac
-
-    def _vmapped(self, x: Tensor) -> list[Tensor]:
-        return self._assemble(*self._vmap_raw(x), x.shape[0])
 
     def _vmap_raw(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """vmap(jacrev) over the samples: (Jacobian by parameter name, outputs (n, K))."""

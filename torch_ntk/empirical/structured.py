@@ -88,8 +88,8 @@ class StructuredNTK:
         """Hands the named layers' parameters to the Jacobian path."""
         self._assign([l for l in self.layers if l.name not in names])
 
-    def isolate(self, xs: Tensor, r: dict[str, Tensor], max_checks: int = 16
-                ) -> list[str] | None:
+    def isolate(self, xs: Tensor, r: dict[str, Tensor], max_checks: int = 16,
+                dtype: torch.dtype | None = None) -> list[str] | None:
         """Hands to the Jacobian path the layers whose share ``verify`` finds wrong.
 
         Dropping layers never makes the kernel wrong (their parameters go to the exact
@@ -102,6 +102,7 @@ class StructuredNTK:
             xs (Tensor[S, *in_shape]): the samples ``verify`` failed on.
             r (dict of Tensor): the direction ``verify`` checks along.
             max_checks (int): ``verify`` calls allowed before giving up.
+            dtype (torch.dtype, optional): the model's computing dtype (``verify.check``).
         Returns:
             list[str] or None: the layers dropped, or None (the layers are then unchanged)
             when no proper subset of them passes within ``max_checks``.
@@ -115,7 +116,7 @@ class StructuredNTK:
             checks_left -= 1
             gone = set(dropped) | set(extra)
             self._assign([l for l in layers if l.name not in gone])
-            return verify.check(self, xs, r).ok
+            return verify.check(self, xs, r, dtype=dtype).ok
 
         while checks_left > 0:
             remaining = [l.name for l in layers if l.name not in dropped]

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from torch_ntk.empirical import checks
 
@@ -44,9 +46,35 @@ _EPS_ALLOWED, _HALF_EPS_ALLOWED = 300.0, 30.0
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """Allowed ``|u - û| / bound`` for a model of this dtype."""
+    """Allowed ``|u - û| / bound`` for a model that computes in ``dtype`` (its least precise
+    floating dtype, see ``computing_dtype``)."""
     wide = dtype in (torch.float32, torch.float64)
     return (_EPS_ALLOWED if wide else _HALF_EPS_ALLOWED) * torch.finfo(dtype).eps
+
+
+class _FloatDtypes(TorchFunctionMode):
+    """Records the floating dtypes of every torch function's tensor outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, Tensor) and leaf.is_floating_point():
+                self.seen.add(leaf.dtype)
+        return out
+
+
+def computing_dtype(forward, dtype: torch.dtype):
+    """Runs ``forward()`` and returns (its result, the least precise floating dtype any torch
+    function in it produced, ``dtype`` at most): a float64 model whose norms compute in
+    float32 (e.g. Hugging Face's RMSNorm) is only as exact as float32."""
+    with _FloatDtypes() as mode:
+        result = forward()
+    least = max(mode.seen | {dtype}, key=lambda d: torch.finfo(d).eps)
+    return result, least
 
 
 def direction(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -155,9 +183,11 @@ class Verdict:
     factors: Any = None
 
 
-def check(engine, x: Tensor, r: dict[str, Tensor], factors=None) -> Verdict:
+def check(engine, x: Tensor, r: dict[str, Tensor], factors=None,
+          dtype: torch.dtype | None = None) -> Verdict:
     """Checks an engine's factors of the block x (computed here when not given) against the
-    model's outputs and ``J r`` on a reordered split of the block.
+    model's outputs and ``J r`` on a reordered split of the block, to the rounding of
+    ``dtype`` (the model's computing dtype; the outputs' by default).
 
     TorchScript modules get only the outputs' check: their optimising executor may drop
     forward-mode tangents, so their ``J r`` is "unverifiable" (the caller then relies on plain
@@ -177,7 +207,7 @@ def check(engine, x: Tensor, r: dict[str, Tensor], factors=None) -> Verdict:
     if split.jvp is None:
         return Verdict(False, "unverifiable", factors=factors)
     error, sample = worst(split.jvp, factors.projection)
-    ok = error <= tolerance(f.dtype)
+    ok = error <= tolerance(dtype or f.dtype)
     return Verdict(ok, "" if ok else "mismatch", sample, error, factors)
 
 

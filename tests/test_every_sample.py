@@ -363,3 +363,28 @@ def test_constant_integer_rows_of_a_batch_mixing_model_are_refused():
 
     with pytest.raises(ValueError, match="depends on the other samples"):
         torch_ntk.empirical_ntk(Mixing().double(), torch.full((4, 5), 3))
+
+
+class GrowingBuffer(nn.Module):
+    """Reassigns a buffer on every forward (under torch.func.vmap too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("seen", torch.zeros(0, dtype=F64))
+
+    def forward(self, x):
+        self.seen = torch.cat([self.seen, x[:, 0]])
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_a_forward_that_reassigns_a_growing_buffer(batch_size):
+    model = GrowingBuffer().double()
+    x1, x2 = torch.randn(5, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    ref = _reference(model, x1, x2)
+    model.seen = torch.zeros(0, dtype=F64)
+    for method in ("auto", "structured", "jacobian"):
+        got = torch_ntk.empirical_ntk(model, x1, x2, method=method, batch_size=batch_size)
+        assert_close(got, ref, F64, method)
+        assert model.seen.shape == (0,), method

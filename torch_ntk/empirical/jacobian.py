@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from torch_ntk.empirical import checks
+from torch_ntk.empirical import checks, state
 from torch_ntk.empirical.factors import Factors, contract
 from torch_ntk.empirical.verify import Projection
 
@@ -147,7 +147,7 @@ class PerSampleJacobian:
                                 strict=False).reshape(-1)
             return y, y
 
-        with torch.no_grad():
+        with torch.no_grad(), state.registrations_kept(model):
             return vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(detached, x)
 
     def _assemble(self, jac: dict[str, Tensor], f: Tensor, n: int) -> list[Tensor]:

@@ -201,6 +201,21 @@ class ModelState:
             _release(self._held)
 
 
+@contextlib.contextmanager
+def registrations_kept(model: nn.Module) -> Iterator[None]:
+    """Puts back, on leaving, every module's registered parameters and buffers: a forward run
+    under ``torch.func.vmap`` that reassigns a buffer (``self.seen = torch.cat(...)``) would
+    otherwise leave a batched tensor in the model for the next forward."""
+    saved = [(m, dict(m._parameters.items()), dict(m._buffers.items()))
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, params, buffers in saved:
+            _restore_registered(module, "_parameters", params)
+            _restore_registered(module, "_buffers", buffers)
+
+
 # Internal helpers
 
 # id(object) -> [object, owning thread, depth]: modules and tensors some call holds now.

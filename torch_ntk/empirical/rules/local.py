@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from torch_ntk.empirical import state
 from torch_ntk.empirical.rules.base import Call, Layer, Rule, output_tensors
 
 
@@ -90,8 +91,9 @@ def _vmapped(layer: Layer, call: Call, delta: list[Tensor]) -> Tensor:
         _, pullback = vjp(forward, theta)
         return vmap(lambda *dk: pullback(tuple(dk))[0])(*ds)
 
-    grads = vmap(per_sample, in_dims=(list(in_dims), [d + 1 for d in out_dims]), out_dims=0)(
-        _inputs(call), delta)
+    with state.registrations_kept(layer.module):  # no batched tensor left in a buffer
+        grads = vmap(per_sample, in_dims=(list(in_dims), [d + 1 for d in out_dims]),
+                     out_dims=0)(_inputs(call), delta)
     n = delta[0].shape[out_dims[0] + 1]
     k = delta[0].shape[0]
     return torch.cat([grads[name].reshape(n, k, -1) for name in theta], dim=2)

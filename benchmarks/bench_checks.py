@@ -1,8 +1,9 @@
 """What the checks cost: their share of an empirical_ntk call on the benchmark zoo.
 
-Each call checks every block of x1 and x2 (``torch_ntk/empirical/verify.py``): the factors'
-prediction of ``J r`` (``Projection``), and a forward-mode pass of the model on the block split
-in two reordered sub-batches (``split_forward``, with the comparison). The probe at the start
+Each call checks every block of x1 and x2 (``torch_ntk/empirical/verify.py``): the random
+direction (``direction``) and the factors' prediction of ``J r`` (``Projection``), and a
+forward-mode pass of the model on the block split in two reordered sub-batches
+(``split_forward``). The probe at the start
 of a call (``KernelPlan.__enter__``: probe forward, determinism, samples alone) is timed apart.
 Everything is measured inside one process by timing those functions during real calls.
 
@@ -63,13 +64,14 @@ def measure(name: str, n: int, mode: str) -> dict:
         with contextlib.ExitStack() as stack:
             stack.enter_context(timers.wrapping(api.KernelPlan, "__enter__", "probe"))
             stack.enter_context(timers.wrapping(verify, "split_forward", "split"))
+            stack.enter_context(timers.wrapping(verify, "direction", "direction"))
             for method in ("add_gram", "add_gradients", "add_tokens"):
                 stack.enter_context(timers.wrapping(verify.Projection, method, "projection"))
             start = time.perf_counter()
             torch_ntk.empirical_ntk(model, x, mode=mode)
             total = time.perf_counter() - start
         rows.append((total, timers.seconds.get("probe", 0.0), timers.seconds.get("split", 0.0),
-                     timers.seconds.get("projection", 0.0)))
+                     timers.seconds.get("projection", 0.0) + timers.seconds.get("direction", 0.0)))
     total, probe, split, projection = (statistics.median(r[i] for r in rows) for i in range(4))
     with api.KernelPlan(model, x, mode=mode) as plan:
         engine = plan.engine.name

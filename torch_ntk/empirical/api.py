@@ -165,7 +165,7 @@ class KernelPlan:
             out = torch.empty(shape, dtype=self.dtype, device=self.x1.device)
         symmetric = self.symmetric and i == j
         self.engine.contract(f1, f2, self.mode, out, symmetric=symmetric)
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             w1 = _widened(f1)
             w2 = w1 if f2 is f1 else _widened(f2)
             wide = torch.empty(shape, dtype=torch.float64, device=out.device)
@@ -436,6 +436,12 @@ class _FactorCache:
     def drop(self, j: int) -> None:
         if j in self.kept:
             self.bytes -= self.kept.pop(j).nbytes()
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Every entry finite: a finite sum says so in one cheap pass (a NaN or inf entry makes
+    the sum non-finite); only a non-finite sum (or one that overflowed) looks entry by entry."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _widened(factors: Factors) -> Factors:

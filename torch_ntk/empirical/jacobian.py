@@ -58,7 +58,7 @@ class JacobianNTK:
         f = self.jacobian.outputs
         out = Factors(outputs=f)
         if r is not None:
-            out.projection = Projection(x.shape[0], f.shape[1], f.dtype, f.device)
+            out.projection = Projection(x.shape[0], f.shape[1], f.dtype, f.device, r)
             for g, name in zip(blocks, self.params):
                 out.projection.add_gradients(g, r[name].reshape(-1))
         out.add_gradients(blocks)

@@ -183,7 +183,7 @@ class StructuredNTK:
             zs = [z for l in self.layers for c in calls[id(l.module)] for z in c.outputs]
             deltas = iter(_output_gradients(f, zs))
         out = Factors(outputs=f.detach())
-        proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device)
+        proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device, r)
         pooled = []
         for layer in self.layers:
             recorded = calls[id(layer.module)]

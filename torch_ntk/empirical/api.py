@@ -129,6 +129,7 @@ class KernelPlan:
                             _CACHED_BLOCKS * size * self.engine.bytes_per_sample(self.k))
             self.direction = verify.direction(self.model, self.params)
             self._generation = 0   # bumped when a failed check changes the engine
+            self._checked: set[tuple[str, int]] = set()   # blocks (side, start) checked
             self._repairs = 0
             self._x2 = x2
             self._cache = _FactorCache(self._checked_factors, x2, self.cols, self._budget,
@@ -187,7 +188,9 @@ class KernelPlan:
 
     def _checked_factors(self, x: Tensor, start: int, side: str):
         """The engine's factors of the block x (Tensor[n, *in_shape]; its first sample is
-        sample ``start`` of ``side``), once ``verify.check`` has passed on them.
+        sample ``start`` of ``side``), once ``verify.check`` has passed on them (once per
+        block and engine: factors recomputed because the cache dropped them are not checked
+        again).
 
         A failed check ends in a ValueError (samples that interact; a layer of
         ``method="structured"`` whose share is wrong; a Jacobian that differs from the real
@@ -195,6 +198,9 @@ class KernelPlan:
         wrong go to the Jacobian (``isolate``), or the Jacobian is taken from plain autograd on
         the real model instead of torch.func. Factors computed before the change are dropped.
         """
+        if (side, start) in self._checked:  # recomputed for a tile: checked already
+            with state.no_autocast(), checks.checkpoint_errors():
+                return self.engine.factors(x)
         while True:
             with state.no_autocast(), state.exact_matmul(), checks.checkpoint_errors():
                 try:
@@ -208,6 +214,7 @@ class KernelPlan:
                 verdict = verify.check(self.engine, x, self.direction, factors,
                                        self.computing)
                 if verdict.ok or self._repair(x, verdict, start, side):
+                    self._checked.add((side, start))
                     return verdict.factors
 
     def _repair(self, x: Tensor, verdict, start: int, side: str) -> bool:
@@ -263,6 +270,7 @@ class KernelPlan:
     def _changed(self) -> None:
         """The engine changed: factors already computed are of the old one."""
         self._generation += 1
+        self._checked.clear()
         self._row = (None, None, None)
         self._cache = _FactorCache(self._checked_factors, self._x2, self.cols, self._budget,
                                    "x1" if self.symmetric else "x2")

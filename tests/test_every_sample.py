@@ -388,3 +388,24 @@ def test_a_forward_that_reassigns_a_growing_buffer(batch_size):
         got = torch_ntk.empirical_ntk(model, x1, x2, method=method, batch_size=batch_size)
         assert_close(got, ref, F64, method)
         assert model.seen.shape == (0,), method
+
+
+class GradModeReuse(nn.Module):
+    """Reuses a weight on rare samples only while grad mode is on (as training code may)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        out = self.head(h)
+        if torch.is_grad_enabled():
+            out = out + (x[:, :1] > 2.5).to(x.dtype) * F.linear(h, self.head.weight)
+        return out
+
+
+def test_a_rare_reuse_that_only_runs_with_grad_mode_on():
+    model = GradModeReuse().double()
+    x = _inputs(9, rare=[4])
+    _exact_or_named(model, x, None, "head", "sample 4 of x1")

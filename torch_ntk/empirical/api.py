@@ -317,8 +317,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     engine = JacobianNTK(model, params)
                     if scripted:
                         engine.jacobian.use_autograd()
-                    with torch.no_grad():
-                        f_probe = model(probe)
+                    with torch.enable_grad():  # every forward of a call runs in grad mode
+                        f_probe = _detached(model(probe))
                     break
                 engine = StructuredNTK(model, params)
                 f_probe = engine.plan(probe)
@@ -329,12 +329,13 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                                                                    f_probe.shape[1]):
             engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
-        with torch.no_grad():
-            again, computing = verify.computing_dtype(lambda: model(probe), f_probe.dtype)
+        with torch.enable_grad():
+            again, computing = verify.computing_dtype(lambda: _detached(model(probe)),
+                                                      f_probe.dtype)
             checks.check_deterministic(f_probe, checks.check_output(again, size, "x1"))
             for row in range(samples.shape[0]):
                 if method == "jacobian":
-                    f_single = model(probe[row:row + 1])
+                    f_single = _detached(model(probe[row:row + 1]))
                 else:
                     bad, f_single = engine.check_rows(probe, row)
                     moved.update(bad)
@@ -358,6 +359,11 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
             return _fallback(model, params, "no layer"), k, computing
     return engine, k, computing
+
+
+def _detached(f):
+    """A forward's output without its graph (other kinds pass to ``check_output``)."""
+    return f.detach() if isinstance(f, Tensor) else f
 
 
 def _too_costly(engine: StructuredNTK, params: dict[str, Tensor], k: int) -> bool:

@@ -147,8 +147,9 @@ class StructuredNTK:
             (list[str], output): names of layers that don't keep samples on their batch rows,
             and the model's output on ``x[row:row + 1]``.
         """
-        with _recording(self.layers) as calls, torch.no_grad():
+        with _recording(self.layers) as calls, torch.enable_grad():
             f_single = self.model(x[row:row + 1])
+        f_single = f_single.detach() if isinstance(f_single, Tensor) else f_single
         bad = []
         for layer in self.layers:
             alone, batched = calls[id(layer.module)], self.probe_calls[id(layer.module)]

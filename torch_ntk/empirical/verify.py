@@ -280,18 +280,22 @@ def _forward(model: nn.Module, params: dict[str, Tensor], x: Tensor, r: dict[str
 def _forward_mode(model: nn.Module, params: dict[str, Tensor], x: Tensor,
                   r: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Tangents set on the real parameter objects (their values copied onto themselves as dual
-    tensors), one forward under ``no_grad``; the parameters' version counters are put back."""
+    tensors under ``no_grad``), one forward with grad mode on, as the engines run theirs; the
+    parameters' version counters are put back."""
     moving = [name for name in params if name not in getattr(r, "zero", ())]
     tensors = [params[name] for name in moving]
     versions = [p._version for p in tensors]
-    with _DUAL_LEVEL, fwAD.dual_level(), torch.no_grad():
+    with _DUAL_LEVEL, fwAD.dual_level():
         try:
-            for p, name in zip(tensors, moving):  # the values onto themselves, with a tangent
-                p.copy_(fwAD.make_dual(p.detach(), r[name]))
-            f = _flat(model(x), x.shape[0])
+            with torch.no_grad():  # the values onto themselves, with a tangent
+                for p, name in zip(tensors, moving):
+                    p.copy_(fwAD.make_dual(p.detach(), r[name]))
+            with torch.enable_grad():  # as the engines' forwards run (a model may branch on it)
+                f = _flat(model(x), x.shape[0])
             primal, tangent = fwAD.unpack_dual(f)
-            primal = primal.clone()
-            tangent = torch.zeros_like(primal) if tangent is None else tangent.clone()
+            primal = primal.detach().clone()
+            tangent = (torch.zeros_like(primal) if tangent is None
+                       else tangent.detach().clone())
         finally:
             _set_versions(tensors, versions)
     return primal, tangent

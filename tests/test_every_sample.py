@@ -409,3 +409,48 @@ def test_a_rare_reuse_that_only_runs_with_grad_mode_on():
     model = GradModeReuse().double()
     x = _inputs(9, rare=[4])
     _exact_or_named(model, x, None, "head", "sample 4 of x1")
+
+
+class NoGradNorm(nn.Module):
+    """Divides by a weight's norm taken under no_grad inside the forward (a constant to
+    autograd, so to the NTK too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            scale = self.a.weight.norm()
+        return self.b(h / scale)
+
+
+class StraightThrough(torch.autograd.Function):
+    """Rounds forward, passes the gradient through backward (no forward-mode formula)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Quantised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(StraightThrough.apply(4 * torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("cls", [NoGradNorm, Quantised])
+def test_what_autograd_treats_as_constant_or_straight_through(cls):
+    model = cls().double()
+    x1, x2 = torch.randn(6, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "structured", "jacobian"):
+        assert_close(torch_ntk.empirical_ntk(model, x1, x2, method=method), ref, F64, method)

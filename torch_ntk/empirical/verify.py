@@ -290,7 +290,9 @@ def _forward_mode(model: nn.Module, params: dict[str, Tensor], x: Tensor,
             with torch.no_grad():  # the values onto themselves, with a tangent
                 for p, name in zip(tensors, moving):
                     p.copy_(fwAD.make_dual(p.detach(), r[name]))
-            with torch.enable_grad():  # as the engines' forwards run (a model may branch on it)
+            # grad mode on, as the engines' forwards run (a model may branch on it); no
+            # tangents through what the model computes under no_grad, as autograd has none
+            with torch.enable_grad(), _NoGradStopsTangents():
                 f = _flat(model(x), x.shape[0])
             primal, tangent = fwAD.unpack_dual(f)
             primal = primal.detach().clone()
@@ -299,6 +301,22 @@ def _forward_mode(model: nn.Module, params: dict[str, Tensor], x: Tensor,
         finally:
             _set_versions(tensors, versions)
     return primal, tangent
+
+
+class _NoGradStopsTangents(TorchFunctionMode):
+    """Forward-mode autograd as reverse mode sees it: an operation run under ``no_grad`` inside
+    the model (a norm of a weight taken as a constant) gives outputs without tangents."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        enabled = torch._C._is_fwd_grad_enabled()
+        torch._C._set_fwd_grad_enabled(False)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch._C._set_fwd_grad_enabled(enabled)
 
 
 def _reverse_over_reverse(model: nn.Module, params: dict[str, Tensor], x: Tensor,

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch_ntk.empirical import checks
 
 # One forward-AD level per process: calls on other threads wait here.
-_DUAL_LEVEL = threading.Lock()
+_DUAL_LEVEL = threading.RLock()
 _SEED = 20261201
 
 # |u - û| allowed per entry, relative to the sum of the absolute values of the terms both sides

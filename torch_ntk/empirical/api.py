@@ -332,14 +332,16 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
         with torch.enable_grad():
             again, computing = verify.computing_dtype(lambda: _detached(model(probe)),
                                                       f_probe.dtype)
-            checks.check_deterministic(f_probe, checks.check_output(again, size, "x1"))
+            checks.check_deterministic(f_probe, checks.check_output(again, size, "x1"),
+                                       computing)
             for row in range(samples.shape[0]):
                 if method == "jacobian":
                     f_single = _detached(model(probe[row:row + 1]))
                 else:
                     bad, f_single = engine.check_rows(probe, row)
                     moved.update(bad)
-                checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"), row)
+                checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"), row,
+                                         computing)
         if method == "jacobian":
             return engine, f_probe.shape[1], computing
         moved = sorted(moved)

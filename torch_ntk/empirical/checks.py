@@ -163,10 +163,12 @@ def check_output(f: object, n: int, where: str) -> Tensor:
     return f.reshape(n, -1)
 
 
-def check_independent(f_batch: Tensor, f_single: Tensor, row: int) -> None:
-    """Raises when row ``row`` of a batched forward differs from the same sample run alone."""
+def check_independent(f_batch: Tensor, f_single: Tensor, row: int,
+                      dtype: torch.dtype | None = None) -> None:
+    """Raises when row ``row`` of a batched forward differs from the same sample run alone
+    (to the rounding of ``dtype``, the model's computing dtype; the outputs' by default)."""
     scale = float(f_batch.abs().max()) + float(f_single.abs().max()) + 1e-30
-    tol = rounding_tolerance(f_batch.dtype, f_batch.shape[-1])
+    tol = rounding_tolerance(dtype or f_batch.dtype, f_batch.shape[-1])
     if float((f_batch[row] - f_single[0]).abs().max()) > tol * scale:
         raise ValueError(
             "empirical_ntk: the model's output for a sample depends on the other samples in the "
@@ -187,10 +189,12 @@ def check_kernel_fits(wide: Tensor, dtype: torch.dtype, row: int, col: int) -> N
             "there). Compute it in a wider dtype, e.g. model.double() with float64 inputs.")
 
 
-def check_deterministic(f_first: Tensor, f_again: Tensor) -> None:
-    """Raises when two forward passes on the same inputs disagree (a random forward)."""
+def check_deterministic(f_first: Tensor, f_again: Tensor,
+                        dtype: torch.dtype | None = None) -> None:
+    """Raises when two forward passes on the same inputs disagree (a random forward), beyond
+    the rounding of ``dtype`` (as for ``check_independent``)."""
     scale = float(f_first.abs().max()) + 1e-30
-    tol = rounding_tolerance(f_first.dtype, f_first.shape[-1])
+    tol = rounding_tolerance(dtype or f_first.dtype, f_first.shape[-1])
     if float((f_first - f_again).abs().max()) > tol * scale:
         raise ValueError(
             "empirical_ntk: two forward passes on the same inputs gave different outputs, so "

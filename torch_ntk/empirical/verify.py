@@ -1,7 +1,8 @@
 """What every block of inputs is checked against before its factors are used.
 
 For a block X of n samples and a random direction r in parameter space (one Tensor per
-trainable parameter, entries N(0, 1), fixed by a seed), forward-mode autograd gives
+trainable parameter, fixed by a seed: rank one ``a bᵀ`` for matrices, entries N(0, 1) for the
+rest; see ``direction``), forward-mode autograd gives
 ``u = J(X) r`` (Tensor[n, K]) through the model's *real* parameter tensors: their tangents are
 set on the very objects the model holds, so uses outside registered attributes (a weight kept
 in a Python list, read by a hook, passed to ``F.linear`` on some samples) all count. The
@@ -234,7 +235,7 @@ def check(engine, x: Tensor, r: dict[str, Tensor], factors=None,
     f = factors.outputs
     if f.numel():
         scale = float(f.abs().max()) + float(split.outputs.abs().max()) + 1e-30
-        tol = checks.rounding_tolerance(f.dtype, f.shape[1])
+        tol = checks.rounding_tolerance(dtype or f.dtype, f.shape[1])
         moved = (split.outputs - f).abs().amax(dim=1) > tol * scale
         if bool(moved.any()):
             return Verdict(False, "interact", int(moved.nonzero()[0, 0]), factors=factors)

@@ -454,3 +454,25 @@ def test_what_autograd_treats_as_constant_or_straight_through(cls):
     ref = _reference(model, x1, x2)
     for method in ("auto", "structured", "jacobian"):
         assert_close(torch_ntk.empirical_ntk(model, x1, x2, method=method), ref, F64, method)
+
+
+class Float32Norm(nn.Module):
+    """An RMSNorm that computes in float32 inside a float64 model (as Hugging Face's do)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+def test_float64_model_that_computes_in_float32_inside():
+    model = nn.Sequential(nn.Linear(4, 6), Float32Norm(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x1, x2 = torch.randn(7, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "structured", "jacobian"):
+        got = torch_ntk.empirical_ntk(model, x1, x2, method=method)
+        assert_close(got, ref, torch.float32, method)

@@ -476,3 +476,116 @@ def test_float64_model_that_computes_in_float32_inside():
     for method in ("auto", "structured", "jacobian"):
         got = torch_ntk.empirical_ntk(model, x1, x2, method=method)
         assert_close(got, ref, torch.float32, method)
+
+
+class Cube(torch.autograd.Function):
+    """x³ with a correct backward and no forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x ** 2
+
+
+class UnusedAndCubed(nn.Module):
+    """A root parameter the forward never uses, and a Function without jvp."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.unused = nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x):
+        return self.o(Cube.apply(self.l(x)))
+
+
+class RootParameterOnRareSamples(nn.Module):
+    """A bare root parameter that only rare samples use."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+        self.extra = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        out = self.l(x)
+        rare = x[:, 0] > 2.5
+        if bool(rare.any()):
+            out = out.clone()
+            out[rare] = out[rare] + x[rare] @ self.extra.T
+        return out
+
+
+@pytest.mark.parametrize("cls", [UnusedAndCubed, RootParameterOnRareSamples])
+@pytest.mark.parametrize("rare_side", ["x1", "x2"])
+def test_parameters_unused_on_some_or_all_samples(cls, rare_side):
+    model = cls().double()
+    x1 = _inputs(6, rare=[2] if rare_side == "x1" else [])
+    x2 = _inputs(4, rare=[3] if rare_side == "x2" else [])
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "structured", "jacobian"):
+        for mode in ("full", "trace"):
+            got = torch_ntk.empirical_ntk(model, x1, x2, method=method, mode=mode)
+            want = ref if mode == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1)
+            assert_close(got, want, F64, f"{method} {mode}")
+
+
+class CheckpointedData(nn.Module):
+    """A reentrant checkpoint straight on the data: autograd gives its layers no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x,
+                                              use_reentrant=True)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
+def test_reentrant_checkpoint_on_data_is_refused(method):
+    with pytest.raises(ValueError, match="inputs that don't require grad"):
+        torch_ntk.empirical_ntk(CheckpointedData().double(), torch.randn(5, 4, dtype=F64),
+                                method=method)
+
+
+class SineWrongJvp(torch.autograd.Function):
+    """sin with the right backward and a wrong forward-mode formula."""
+
+    @staticmethod
+    def forward(x):
+        return torch.sin(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.cos(x)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return 2 * tangent
+
+
+def test_a_function_whose_jvp_is_wrong_gets_reverse_modes_kernel():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(SineWrongJvp.apply(self.a(x)))
+
+    model = Model().double()
+    x1, x2 = torch.randn(7, 4, dtype=F64), torch.randn(2, 4, dtype=F64)
+    _exact_or_named(model, x1, x2, None, "")

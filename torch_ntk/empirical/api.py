@@ -235,12 +235,16 @@ class KernelPlan:
                 return False
             if verdict.kind == "unverifiable":
                 return True  # plain autograd on the real model, samples checked independent
+            again = verify.check(engine, x, self.direction, verdict.factors, self.computing,
+                                 reverse=True)
+            if again.ok:  # forward mode disagrees with the backward (a Function's wrong jvp):
+                return True  # the NTK is reverse mode's, which the Jacobian agrees with
             raise ValueError(
-                f"empirical_ntk: the model's per-sample gradients on {where} differ from its "
-                f"derivative along a random direction (relative error {verdict.error:.2e}): "
-                "its backward is not the derivative of its forward there (e.g. a gradient "
-                "that depends on the batch, or a custom autograd.Function whose backward "
-                "disagrees with its forward), so no NTK can be taken exactly.")
+                f"empirical_ntk: the model's per-sample gradients on {where} differ from the "
+                "derivative of its backward pass over the batch along a random direction "
+                f"(relative error {again.error:.2e}): its gradients depend on the batch (e.g. "
+                "samples mixed only in the backward, or a gradient scaled by batch counts), so "
+                "no per-sample NTK can be taken exactly.")
         sample = x[verdict.sample:verdict.sample + 1]
         if verdict.kind == "mismatch" and self._repairs <= _REPAIRS:
             dropped = engine.isolate(sample, self.direction, dtype=self.computing)
@@ -330,8 +334,9 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
         with torch.enable_grad():
-            again, computing = verify.computing_dtype(lambda: _detached(model(probe)),
-                                                      f_probe.dtype)
+            with checks.checkpoint_without_gradients():
+                again, computing = verify.computing_dtype(lambda: _detached(model(probe)),
+                                                          f_probe.dtype)
             checks.check_deterministic(f_probe, checks.check_output(again, size, "x1"),
                                        computing)
             for row in range(samples.shape[0]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from typing import Iterator
 
 import torch
@@ -134,6 +135,26 @@ def checkpoint_errors() -> Iterator[None]:
             "which torch.autograd.grad can't differentiate through, so no per-sample gradient "
             "exists here. Call checkpoint(..., use_reentrant=False) (same memory savings, and "
             "PyTorch's recommended form).") from exc
+
+
+@contextlib.contextmanager
+def checkpoint_without_gradients() -> Iterator[None]:
+    """Refuses a forward in which a reentrant ``torch.utils.checkpoint`` got no input that
+    requires grad: autograd then gives the parameters inside it no gradient at all (PyTorch
+    only warns), so their share of the kernel would silently be zero. Other warnings of the
+    forward are passed on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if "None of the inputs have requires_grad=True" in str(w.message):
+            raise ValueError(
+                "empirical_ntk: the model runs torch.utils.checkpoint(use_reentrant=True) on "
+                "inputs that don't require grad, so autograd gives the parameters inside the "
+                "checkpointed region no gradient (their share of the NTK would be lost). Call "
+                "checkpoint(..., use_reentrant=False).")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def check_output(f: object, n: int, where: str) -> Tensor:

@@ -189,7 +189,7 @@ class PerSampleJacobian:
                 return [f.new_zeros(m, k, p.numel()) for p in tensors], f.detach()
             seeds = torch.eye(m * k, dtype=f.dtype, device=f.device).reshape(m * k, m, k)
             grads = self._seeded_gradients(f, tensors, seeds)
-        return [_per_seed(g, p, m * k).reshape(m, k, -1) for g, p in zip(grads, tensors)], \
+        return [per_seed(g, p, m * k).reshape(m, k, -1) for g, p in zip(grads, tensors)], \
             f.detach()
 
     def _seeded_gradients(self, f: Tensor, tensors: list[Tensor],
@@ -228,9 +228,7 @@ def per_sample_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
     return PerSampleJacobian(model, params)(x)
 
 
-# Internal helpers
-
-def _per_seed(g: Tensor, p: Tensor, seeds: int) -> Tensor:
+def per_seed(g: Tensor, p: Tensor, seeds: int) -> Tensor:
     """A batched gradient as Tensor[S, *θ.shape]: dense (a sparse Embedding gives sparse
     gradients), and expanded where autograd materialised an unused parameter's gradient
     without the seed axis."""
@@ -241,6 +239,8 @@ def _per_seed(g: Tensor, p: Tensor, seeds: int) -> Tensor:
         g = g.expand(seeds, *p.shape)
     return g
 
+
+# Internal helpers
 
 # Models torch.func.vmap could not run (and plain autograd could), with vmap's error.
 _NOT_VMAPPABLE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()

@@ -188,12 +188,13 @@ class Split:
 
 
 def split_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor,
-                  r: dict[str, Tensor], want_jvp: bool = True) -> Split:
-    """Runs the model on x (Tensor[n, *in_shape]) as two sub-batches in reversed order."""
+                  r: dict[str, Tensor], want_jvp: bool = True, reverse: bool = False) -> Split:
+    """Runs the model on x (Tensor[n, *in_shape]) as two sub-batches in reversed order;
+    ``reverse`` takes ``J r`` from two reverse passes even where forward mode runs."""
     n = x.shape[0]
     order = torch.arange(n - 1, -1, -1, device=x.device)
     parts = [order[: n // 2], order[n // 2:]] if n > 1 else [order]
-    results = [_forward(model, params, x[idx], r, want_jvp) for idx in parts]
+    results = [_forward(model, params, x[idx], r, want_jvp, reverse) for idx in parts]
     inverse = torch.argsort(torch.cat(parts))
     outputs = torch.cat([f for f, _ in results])[inverse]
     if any(u is None for _, u in results):
@@ -219,10 +220,11 @@ class Verdict:
 
 
 def check(engine, x: Tensor, r: dict[str, Tensor], factors=None,
-          dtype: torch.dtype | None = None) -> Verdict:
+          dtype: torch.dtype | None = None, reverse: bool = False) -> Verdict:
     """Checks an engine's factors of the block x (computed here when not given) against the
     model's outputs and ``J r`` on a reordered split of the block, to the rounding of
-    ``dtype`` (the model's computing dtype; the outputs' by default).
+    ``dtype`` (the model's computing dtype; the outputs' by default); ``reverse`` as for
+    ``split_forward``.
 
     TorchScript modules get only the outputs' check: their optimising executor may drop
     forward-mode tangents, so their ``J r`` is "unverifiable" (the caller then relies on plain
@@ -231,7 +233,8 @@ def check(engine, x: Tensor, r: dict[str, Tensor], factors=None,
     if factors is None:
         factors = engine.factors(x, r)
     scripted = any(isinstance(m, torch.jit.ScriptModule) for m in engine.model.modules())
-    split = split_forward(engine.model, engine.params, x, r, want_jvp=not scripted)
+    split = split_forward(engine.model, engine.params, x, r, want_jvp=not scripted,
+                          reverse=reverse)
     f = factors.outputs
     if f.numel():
         scale = float(f.abs().max()) + float(split.outputs.abs().max()) + 1e-30
@@ -261,21 +264,22 @@ def worst(u: Tensor, projection: Projection) -> tuple[float, int]:
 # Internal helpers
 
 def _forward(model: nn.Module, params: dict[str, Tensor], x: Tensor, r: dict[str, Tensor],
-             want_jvp: bool) -> tuple[Tensor, Tensor | None]:
+             want_jvp: bool, reverse: bool) -> tuple[Tensor, Tensor | None]:
     """(f Tensor[m, K], J r Tensor[m, K] or None) on one sub-batch."""
     if not want_jvp:
-        with torch.no_grad():
-            return _flat(model(x), x.shape[0]), None
+        with torch.enable_grad():
+            return _flat(model(x), x.shape[0]).detach(), None
     try:
-        return _forward_mode(model, params, x, r)
+        if not reverse:
+            return _forward_mode(model, params, x, r)
     except (RuntimeError, NotImplementedError) as exc:
         if not _is_missing_formula(exc):
             raise
     try:
         return _reverse_over_reverse(model, params, x, r)
     except (RuntimeError, NotImplementedError):
-        with torch.no_grad():
-            return _flat(model(x), x.shape[0]), None
+        with torch.enable_grad():
+            return _flat(model(x), x.shape[0]).detach(), None
 
 
 def _forward_mode(model: nn.Module, params: dict[str, Tensor], x: Tensor,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from torch_ntk.empirical import state
+from torch_ntk.empirical.jacobian import per_seed
 from torch_ntk.empirical.rules.base import Call, Layer, Rule, output_tensors
 
 
@@ -125,7 +126,8 @@ def _vjp_rows(outs: list[Tensor], params: list[Tensor], seeds: list[Tensor]) -> 
     outs, seeds = zip(*used)
 
     def flat(grads: Any) -> Tensor:
-        return torch.cat([_dense(g).reshape(g.shape[0], -1) for g in grads], dim=1)
+        return torch.cat([per_seed(g, p, k).reshape(k, -1) for g, p in zip(grads, params)],
+                         dim=1)
 
     try:
         grads = torch.autograd.grad(outs, params, seeds, is_grads_batched=True,
@@ -135,9 +137,5 @@ def _vjp_rows(outs: list[Tensor], params: list[Tensor], seeds: list[Tensor]) -> 
         per_output = [torch.autograd.grad(outs, params, [s[a] for s in seeds], retain_graph=True,
                                           allow_unused=True, materialize_grads=True)
                       for a in range(k)]
-        return torch.stack([torch.cat([_dense(g).reshape(-1) for g in gs]) for gs in per_output])
-
-
-def _dense(g: Tensor) -> Tensor:
-    """A gradient as a strided tensor (``nn.Embedding(sparse=True)`` gives sparse ones)."""
-    return g if g.layout == torch.strided else g.to_dense()
+        return torch.stack([torch.cat([per_seed(g, p, 1).reshape(-1) for g, p in zip(gs, params)])
+                            for gs in per_output])

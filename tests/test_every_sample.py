@@ -589,3 +589,71 @@ def test_a_function_whose_jvp_is_wrong_gets_reverse_modes_kernel():
     model = Model().double()
     x1, x2 = torch.randn(7, 4, dtype=F64), torch.randn(2, 4, dtype=F64)
     _exact_or_named(model, x1, x2, None, "")
+
+
+class SquareOnce(torch.autograd.Function):
+    """x² whose backward can't itself be differentiated, and no forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_a_once_differentiable_function_is_computed_by_autograd():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(SquareOnce.apply(self.a(x)))
+
+    model = Model().double()
+    x1, x2 = torch.randn(5, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    ref = _reference(model, x1, x2)
+    for method in ("auto", "jacobian"):
+        assert_close(torch_ntk.empirical_ntk(model, x1, x2, method=method), ref, F64, method)
+    with pytest.raises(ValueError, match="can't check its factors"):
+        torch_ntk.empirical_ntk(model, x1, x2, method="structured")
+
+
+def test_gradient_hooks_on_parameters_are_refused():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    handle = model[0].weight.register_hook(lambda g: 0.5 * g)
+    with pytest.raises(ValueError, match=r"0\.weight have gradient hooks"):
+        torch_ntk.empirical_ntk(model, torch.randn(4, 4, dtype=F64))
+    handle.remove()
+    torch_ntk.empirical_ntk(model, torch.randn(4, 4, dtype=F64))
+
+
+def test_a_forward_that_stops_tracking_a_parameter_is_named():
+    class Freezes(nn.Module):
+        def __init__(self, freeze: bool):
+            super().__init__()
+            self.freeze = freeze
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            if self.freeze:
+                self.b.weight.requires_grad_(False)
+            return self.b(torch.tanh(self.a(x)))
+
+    model, twin = Freezes(True).double(), Freezes(False).double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 4, dtype=F64)
+    ref = _reference(twin, x)   # the NTK over the parameters trainable at the call
+    for method in ("auto", "structured", "jacobian"):
+        try:
+            got = torch_ntk.empirical_ntk(model, x, method=method)
+        except ValueError as exc:
+            assert "stopped requiring grad" in str(exc), exc
+        else:
+            assert_close(got, ref, F64, method)
+        assert model.b.weight.requires_grad, method

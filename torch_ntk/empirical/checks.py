@@ -50,6 +50,13 @@ def check_model(model: nn.Module) -> dict[str, Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    hooked = [name for name, p in params.items() if p._backward_hooks]
+    if hooked:
+        raise ValueError(
+            f"empirical_ntk: parameter(s) {', '.join(hooked)} have gradient hooks "
+            "(Tensor.register_hook), which change what autograd returns as their gradient, "
+            "while the NTK is taken over the derivatives ∂f/∂θ. Remove the hooks for the call "
+            "(keep the handles register_hook returns and call .remove()).")
     if not params:
         raise ValueError(
             "empirical_ntk: the model has no parameter with requires_grad=True, so its NTK is "
@@ -124,10 +131,16 @@ def check_inputs(x1: Tensor, x2: Tensor | None, param: Tensor) -> None:
 
 @contextlib.contextmanager
 def checkpoint_errors() -> Iterator[None]:
-    """Turns autograd's refusal of a reentrant ``torch.utils.checkpoint`` into a ValueError."""
+    """Turns autograd's refusal of a reentrant ``torch.utils.checkpoint``, or of a parameter the
+    forward stopped tracking, into a ValueError that says what to change."""
     try:
         yield
     except RuntimeError as exc:
+        if "One of the differentiated Tensors does not require grad" in str(exc):
+            raise ValueError(
+                "empirical_ntk: a trainable parameter stopped requiring grad during the model's "
+                "forward (e.g. requires_grad_(False) inside forward), so autograd can't "
+                "differentiate it. Set requires_grad before the call, not in forward.") from exc
         if "use_reentrant" not in str(exc):
             raise
         raise ValueError(

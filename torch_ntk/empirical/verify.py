@@ -334,13 +334,32 @@ def _reverse_over_reverse(model: nn.Module, params: dict[str, Tensor], x: Tensor
         if not f.requires_grad:
             return f.detach(), torch.zeros_like(f)
         grads = torch.autograd.grad(f, tensors, v, create_graph=True, allow_unused=True)
-        used = [(g, r[name]) for g, name in zip(grads, params)
-                if g is not None and g.requires_grad]
+        if any(g is not None and not g.requires_grad for g in grads) or _has_error_node(grads):
+            # a backward that can't be differentiated (``once_differentiable``): its part of
+            # the second pass would silently be zero
+            raise RuntimeError("double backward not implemented through the model")
+        used = [(g, r[name]) for g, name in zip(grads, params) if g is not None]
         if not used:
             return f.detach(), torch.zeros_like(f)
         (u,) = torch.autograd.grad([g for g, _ in used], v, [t for _, t in used],
                                    allow_unused=True)
     return f.detach(), torch.zeros_like(f) if u is None else u.detach()
+
+
+def _has_error_node(grads) -> bool:
+    """True when the graph of a first-pass gradient holds autograd's placeholder for a backward
+    that can't be differentiated (the node ``once_differentiable`` leaves)."""
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    seen: set = set()   # the nodes themselves: kept alive, so no identity is reused
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _flat(f: object, m: int) -> Tensor:

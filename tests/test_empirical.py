@@ -146,7 +146,11 @@ def test_auto_stays_structured_on_the_zoo(name):
     from torch_ntk.empirical.api import KernelPlan
     model, x1, x2 = make(name, torch.float64, 5, 3)
     with KernelPlan(model, x1, x2) as plan:
+        for i, j in plan.tiles():     # every block is checked here: a wrong rule shows now
+            plan.compute_tile(i, j)
         reason = getattr(plan.engine, "reason", None)
         assert reason in (None, "cost"), f"auto fell back to the Jacobian on {name}: {reason}"
     with KernelPlan(model, x1, x2, method="structured") as plan:
+        for i, j in plan.tiles():
+            plan.compute_tile(i, j)
         assert not plan.engine.foreign, f"{name}: {sorted(plan.engine.foreign)} left to the Jacobian"

@@ -28,11 +28,12 @@ _REPAIRS = 8     # failed checks a call may answer by isolating layers before it
 
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   mode: str = "full", method: str = "auto", batch_size: int | None = None,
-                  out: Tensor | None = None) -> Tensor:
+                  out: Tensor | None = None, params=None) -> Tensor:
     """Empirical NTK Θ(x, x') = Σ_p ∂f(x)/∂θ_p · ∂f(x')/∂θ_p at the current parameters.
 
-    The sum runs over every parameter with ``requires_grad=True``; outputs are flattened
-    per sample, so a model mapping ``(N, ...)`` to ``(N, ...)`` has ``K = prod(out[1:])``.
+    The sum runs over every parameter with ``requires_grad=True`` (or those ``params`` picks);
+    outputs are flattened per sample, so a model mapping ``(N, ...)`` to ``(N, ...)`` has
+    ``K = prod(out[1:])``.
 
     Args:
         model (nn.Module): samples in a batch must not interact (e.g. no BatchNorm in train
@@ -49,6 +50,10 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
             chosen from the model's size when ``None``. The result doesn't depend on it.
         out (Tensor, optional): preallocated result of the shape above and the model's dtype,
             on any device (e.g. host memory while computing on a GPU); filled and returned.
+        params (optional): the parameters the kernel sums over: ``None`` (every one with
+            ``requires_grad``), an iterable of names (as in ``named_parameters()``) or a
+            callable ``(name, param) -> bool``, e.g. LoRA adapters or the head only. The
+            others are constants; no ``requires_grad`` flag is changed.
 
     Returns:
         Tensor: shape as listed under ``mode``; the model's dtype, on x1's device (or ``out``).
@@ -62,7 +67,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         >>> torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randn(5, 3), mode="trace").shape
         torch.Size([5, 5])
     """
-    with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size) as plan:
+    with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size,
+                    params=params) as plan:
         checks.check_out(out, plan.shape, plan.dtype, inputs=(x1, x2), model=plan.model)
         result = torch.empty(plan.shape, dtype=plan.dtype, device=x1.device) if out is None else out
         direct = result.device == x1.device
@@ -96,7 +102,7 @@ class KernelPlan:
 
     def __init__(self, model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                  mode: str = "full", method: str = "auto",
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, params=None) -> None:
         batch_size = checks.check_options(mode, method, batch_size)
         model = _original_module(model)
         if not isinstance(model, nn.Module):
@@ -105,6 +111,7 @@ class KernelPlan:
         checks.check_materialised(model)
         self.model, self.x1, self.x2 = model, x1, x2
         self.mode, self.method, self.batch_size = mode, method, batch_size
+        self.select = params
         self.symmetric = x2 is None
         self._state: state.ModelState | None = None
 
@@ -112,7 +119,7 @@ class KernelPlan:
         self._state = state.ModelState(self.model)
         try:
             # Under the model's lock: another call may have parameters swapped out right now.
-            self.params = checks.check_model(self.model)
+            self.params = checks.check_model(self.model, self.select)
             checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
             with state.no_autocast(), checks.checkpoint_errors():
                 self.engine, self.k, self.computing = _choose_engine(

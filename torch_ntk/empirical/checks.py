@@ -45,11 +45,17 @@ def check_materialised(model: nn.Module) -> None:
                 "first (e.g. model(x1[:1])) to materialise them.")
 
 
-def check_model(model: nn.Module) -> dict[str, Tensor]:
-    """Returns the model's trainable parameters by name; rejects models that can't have an NTK."""
+def check_model(model: nn.Module, select=None) -> dict[str, Tensor]:
+    """Returns the parameters the kernel sums over, by name; rejects models that can't have an
+    NTK.
+
+    Args:
+        select: ``None`` (every parameter with ``requires_grad``), an iterable of parameter
+            names, or a callable ``(name, param) -> bool``; the others are constants.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = _selected(model, select)
     hooked = [name for name, p in params.items() if p._backward_hooks]
     if hooked:
         raise ValueError(
@@ -59,8 +65,9 @@ def check_model(model: nn.Module) -> dict[str, Tensor]:
             "(keep the handles register_hook returns and call .remove()).")
     if not params:
         raise ValueError(
-            "empirical_ntk: the model has no parameter with requires_grad=True, so its NTK is "
-            "empty. Unfreeze the parameters the kernel should be taken over.")
+            "empirical_ntk: the model has no parameter with requires_grad=True (or params "
+            "selects none), so its NTK is empty. Unfreeze or select the parameters the kernel "
+            "should be taken over.")
     dtypes = {p.dtype for p in params.values()}
     devices = {p.device for p in params.values()}
     if len(dtypes) > 1 or len(devices) > 1:
@@ -308,6 +315,31 @@ def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
 
 
 # Internal helpers
+
+def _selected(model: nn.Module, select) -> dict[str, Tensor]:
+    """The parameters ``check_model``'s ``select`` names (see there)."""
+    named = dict(model.named_parameters())
+    if select is None:
+        return {name: p for name, p in named.items() if p.requires_grad}
+    if callable(select):
+        return {name: p for name, p in named.items() if select(name, p)}
+    if isinstance(select, (str, bytes)) or not hasattr(select, "__iter__"):
+        raise TypeError(
+            "empirical_ntk: params must be None, an iterable of parameter names or a callable "
+            f"(name, param) -> bool, got {type(select).__name__}.")
+    names = list(select)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(
+            f"empirical_ntk: params names {unknown} that the model doesn't have; its "
+            f"parameters are {list(named)[:20]}{' ...' if len(named) > 20 else ''}.")
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:
+        raise ValueError(
+            f"empirical_ntk: params names parameter(s) {frozen} with requires_grad=False. Set "
+            "requires_grad=True on the parameters the kernel should be taken over.")
+    return {name: named[name] for name in dict.fromkeys(names)}
+
 
 _EXACT_OVERLAP_NUMEL = 2 ** 22  # up to this many elements, overlap is decided offset by offset
 

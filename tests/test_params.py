@@ -97,3 +97,27 @@ def test_bad_selections_are_named():
     model.head.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
         torch_ntk.empirical_ntk(model, x, params=["head.weight"])
+
+
+def test_a_tied_parameter_answers_to_each_of_its_names():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mid = nn.Embedding(9, 4), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 9, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, t):
+            return self.head(torch.tanh(self.mid(self.embed(t).mean(1))))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x1, x2 = torch.randint(0, 9, (4, 3)), torch.randint(0, 9, (3, 3))
+    ref = _reference(model, ["embed.weight"], x1, x2)
+    for select in (["head.weight"], ["embed.weight", "head.weight"],
+                   lambda n, p: n == "head.weight"):
+        for method in ("auto", "jacobian"):
+            got = torch_ntk.empirical_ntk(model, x1, x2, method=method, params=select)
+            assert_close(got, ref, F64, f"{select} {method}")
+        with pytest.raises(ValueError, match="found no layer"):  # shared: Jacobian only
+            torch_ntk.empirical_ntk(model, x1, x2, method="structured", params=select)

@@ -317,12 +317,14 @@ def check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
 # Internal helpers
 
 def _selected(model: nn.Module, select) -> dict[str, Tensor]:
-    """The parameters ``check_model``'s ``select`` names (see there)."""
-    named = dict(model.named_parameters())
+    """The parameters ``check_model``'s ``select`` names (see there), by their first name: a
+    tied parameter answers to each of its names (``head.weight`` of a tied embedding)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    named = dict(model.named_parameters(remove_duplicate=False))
     if select is None:
-        return {name: p for name, p in named.items() if p.requires_grad}
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
     if callable(select):
-        return {name: p for name, p in named.items() if select(name, p)}
+        return {canonical[id(p)]: p for name, p in named.items() if select(name, p)}
     if isinstance(select, (str, bytes)) or not hasattr(select, "__iter__"):
         raise TypeError(
             "empirical_ntk: params must be None, an iterable of parameter names or a callable "
@@ -338,7 +340,7 @@ def _selected(model: nn.Module, select) -> dict[str, Tensor]:
         raise ValueError(
             f"empirical_ntk: params names parameter(s) {frozen} with requires_grad=False. Set "
             "requires_grad=True on the parameters the kernel should be taken over.")
-    return {name: named[name] for name in dict.fromkeys(names)}
+    return {canonical[id(named[n])]: named[n] for n in names}
 
 
 _EXACT_OVERLAP_NUMEL = 2 ** 22  # up to this many elements, overlap is decided offset by offset

@@ -19,9 +19,12 @@ def assert_close(actual, expected, dtype, msg=""):
                                msg=lambda m: f"{msg}: {m}")
 
 
-def autograd_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, K, P) by plain autograd: each sample alone, one output at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def autograd_jacobian(model: nn.Module, x: torch.Tensor, names=None) -> torch.Tensor:
+    """(N, K, P) by plain autograd: each sample alone, one output at a time, over the
+    parameters with requires_grad (or those ``names``)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    params = ([p for p in model.parameters() if p.requires_grad] if names is None
+              else [named[n] for n in names])
     rows = []
     for xi in x:
         f = model(xi.unsqueeze(0)).reshape(-1)
@@ -31,10 +34,11 @@ def autograd_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def autograd_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """(N1, N2, K, K) from the reference Jacobians."""
-    return torch.einsum("nap,mbp->nmab", autograd_jacobian(model, x1),
-                        autograd_jacobian(model, x2))
+def autograd_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor,
+                 names=None) -> torch.Tensor:
+    """(N1, N2, K, K) from the reference Jacobians (over ``names`` when given)."""
+    return torch.einsum("nap,mbp->nmab", autograd_jacobian(model, x1, names),
+                        autograd_jacobian(model, x2, names))
 
 
 @pytest.fixture(autouse=True)

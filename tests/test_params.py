@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import torch_ntk
-from conftest import assert_close
+from conftest import assert_close, autograd_ntk
 
 F64 = torch.float64
 
@@ -31,18 +31,7 @@ class Adapted(nn.Module):
 
 def _reference(model, names, x1, x2):
     """Per-sample autograd over the named parameters only."""
-    params = [dict(model.named_parameters())[n] for n in names]
-
-    def jac(x):
-        rows = []
-        for xi in x:
-            f = model(xi.unsqueeze(0)).reshape(-1)
-            rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-                fa, params, retain_graph=True, allow_unused=True, materialize_grads=True)])
-                for fa in f]))
-        return torch.stack(rows)
-
-    return torch.einsum("nap,mbp->nmab", jac(x1), jac(x2))
+    return autograd_ntk(model, x1, x2, names)
 
 
 SUBSETS = {

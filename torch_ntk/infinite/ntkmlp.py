@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from torch_ntk.infinite.analytic import _check_int, _check_std, resolve_activation
+from torch_ntk.infinite.checks import _check_int, _check_std, resolve_activation
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -15,25 +15,63 @@ PARAMETERIZATIONS = ("ntk", "standard")
 class NTKLinear(nn.Module):
     """Affine layer ``z = weight_scale · x Wᵀ + bias_scale · b`` with W, b as plain parameters.
 
-    The structured NTK method knows this layer: its share of the kernel is
-    ``(weight_scale² · h·h' + bias_scale²) · (δ·δ')``.
+    Give either the scales themselves or, for the NTK parameterisation, ``w_std`` and
+    ``b_std``: then ``weight_scale = w_std / sqrt(in_features)``, ``bias_scale = b_std`` and
+    ``b_std == 0`` (the default when only ``w_std`` is given) means no bias parameter. W and b
+    are drawn from N(0, 1). The structured NTK method knows this layer (its share of the kernel
+    is ``(weight_scale² · h·h' + bias_scale²) · (δ·δ')``) and so does ``analytic_ntk(model, x)``.
 
     Args:
         in_features (int), out_features (int): sizes of x (..., in) and z (..., out).
-        bias (bool): whether the layer has a bias.
-        weight_scale (float), bias_scale (float): fixed multipliers applied in forward.
+        bias (bool): whether the layer has a bias (with ``b_std``: and ``b_std > 0``).
+        weight_scale (float), bias_scale (float): fixed multipliers applied in forward
+            (default 1 and 1).
+        w_std (float), b_std (float): the NTK parameterisation's standard deviations, instead
+            of the scales.
+    Raises:
+        ValueError: both pairs given, negative or non-finite values.
+    Example:
+        >>> layer = torch_ntk.NTKLinear(64, 10, w_std=1.4, b_std=0.1)   # weight_scale 1.4/8
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 weight_scale: float = 1.0, bias_scale: float = 1.0,
+                 weight_scale: Optional[float] = None, bias_scale: Optional[float] = None,
+                 w_std: Optional[float] = None, b_std: Optional[float] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        _check_int("NTKLinear", "in_features", in_features, 1, "a layer size")
+        _check_int("NTKLinear", "out_features", out_features, 1, "a layer size")
+        if (w_std is not None or b_std is not None) and (weight_scale is not None
+                                                         or bias_scale is not None):
+            raise ValueError("NTKLinear: give weight_scale/bias_scale or w_std/b_std, not both; "
+                             "w_std=s is weight_scale=s/sqrt(in_features), b_std is bias_scale.")
+        if w_std is not None or b_std is not None:
+            w_std = 1.0 if w_std is None else w_std
+            b_std = 0.0 if b_std is None else b_std
+            _check_std("NTKLinear", "w_std", w_std)
+            _check_std("NTKLinear", "b_std", b_std)
+            weight_scale, bias_scale = float(w_std) / math.sqrt(in_features), float(b_std)
+            bias = bool(bias) and bias_scale > 0
+        weight_scale = 1.0 if weight_scale is None else weight_scale
+        bias_scale = 1.0 if bias_scale is None else bias_scale
+        _check_std("NTKLinear", "weight_scale", weight_scale)
+        _check_std("NTKLinear", "bias_scale", bias_scale)
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight_scale, self.bias_scale = float(weight_scale), float(bias_scale)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
+
+    @property
+    def w_std(self) -> float:
+        """``weight_scale · sqrt(in_features)``."""
+        return self.weight_scale * math.sqrt(self.in_features)
+
+    @property
+    def b_std(self) -> float:
+        """``bias_scale``, or 0 without a bias."""
+        return self.bias_scale if self.bias is not None else 0.0
 
     def reset_parameters(self) -> None:
         """Standard normal weights and biases (the NTK parameterisation)."""

@@ -1,0 +1,150 @@
+"""Runs an infinite-width program over tiles of input pairs.
+
+First a self pass runs the program on the pairs (x, x) of each input set, which gives every
+activation and normalisation the variance of its input at each position, per input. Then each
+tile of ``B1 × B2`` pairs runs the program with those variances; only the tiles on or above the
+diagonal when ``x2`` is None (mirrored, the diagonal tiles made exactly symmetric). Memory is
+bounded by the tile: at most a few tensors of ``B1 · B2 · (P² or P)`` entries.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torch_ntk.infinite.program import Program
+from torch_ntk.infinite.rules.base import Orientation, Pair
+from torch_ntk.infinite.rules.structure import Input
+
+# On CPU, tiles of fewer than 32768 entries (ATen's grain size) keep every elementwise op on the
+# calling thread, so such tiles run in parallel on a thread pool, one op stream per core; large
+# tiles use ATen's own parallelism within each op.
+_CPU_TILE = 181
+_CUDA_TILE = 4096
+_GRAIN = 32768
+_TILE_ENTRIES = {"cpu": 1 << 21, "other": 1 << 26}   # entries of one pair tensor of a tile
+_SELF_CHUNK = 256
+
+
+def kernels(program: Program, x1: Tensor, x2: Optional[Tensor], fields: Tuple[str, ...],
+            batch_size: Optional[int], out: Dict[str, Tensor]) -> None:
+    """Writes the fields ("nngp", "ntk") of the program's output kernel for x1 × x2 into
+    ``out`` (field -> Tensor[N1, N2]); x2 None is x1 (symmetric). Inputs in the work dtype."""
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    ntk = "ntk" in fields
+    sides1 = _self_pass(program, x1, ntk)
+    sides2 = sides1 if symmetric else _self_pass(program, x2, ntk)
+    tile, workers = _tiling(program, batch_size, x1.device)
+    n1, n2 = x1.shape[0], x2.shape[0]
+
+    def work(job: Tuple[int, int]) -> None:
+        r0, c0 = job
+        r1, c1 = min(r0 + tile, n1), min(c0 + tile, n2)
+        with torch.no_grad():
+            rows = {i: (s, r0, r1) for i, s in sides1.items()}
+            cols = {i: (s, c0, c1) for i, s in sides2.items()}
+            result = run(program, x1[r0:r1], x2[c0:c1], rows, cols, ntk=ntk)
+            for f in fields:
+                value = (result.nngp if f == "nngp" else result.ntk).reshape(r1 - r0, c1 - c0)
+                view = out[f][r0:r1, c0:c1]
+                if symmetric and r0 == c0:   # exact symmetry within the diagonal tile
+                    view.copy_(value.triu() + value.triu(1).T)
+                else:
+                    view.copy_(value)
+                    if symmetric:
+                        out[f][c0:c1, r0:r1] = value.T
+
+    jobs = [(r0, c0) for r0 in range(0, n1, tile)
+            for c0 in range(r0 if symmetric else 0, n2, tile)]
+    if workers > 1 and len(jobs) > 1:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(work, jobs):
+                pass
+    else:
+        for job in jobs:
+            work(job)
+
+
+def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, *,
+        ntk: bool, aligned: bool = False, record: Optional[dict] = None) -> Pair:
+    """The output Pair of one block: x_a (B1, *in) against x_b (B2, *in), or, ``aligned``,
+    each x_a[i] with itself (B2 = 1). ``sides_*``: node -> (prepared data, start, stop) of
+    the rows; in the self pass (``record`` given) each node's data is prepared from the
+    block's own variances and stored in ``record``."""
+    nodes = program.nodes
+    last_use = {}
+    for i, node in enumerate(nodes):
+        for j in node.inputs:
+            last_use[j] = i
+    values: Dict[int, Pair] = {}
+    orients: Dict[int, Orientation] = {}
+    for i, node in enumerate(nodes):
+        orient = Orientation(node.full, node.shape.spatial, aligned, ntk)
+        orients[i] = orient
+        rule = node.rule
+        if isinstance(rule, Input):
+            values[i] = rule.kernel(xa, xb, node.full, aligned)
+        else:
+            ins = [values[j] for j in node.inputs]
+            in_orients = [orients[j] for j in node.inputs]
+            side1 = side2 = None
+            if rule.uses_variance:
+                if record is not None:
+                    variance = in_orients[0].diagonal(ins[0].nngp)[:, 0]
+                    side1 = rule.prepare(variance)
+                    record[i] = side1
+                else:
+                    side1 = _rows(rule, sides_a[i])
+                    side2 = _rows(rule, sides_b[i])
+            values[i] = rule.apply(ins, in_orients, orient, side1, side2)
+        for j in node.inputs:
+            if last_use[j] == i and j != program.output:
+                del values[j]
+    return values[program.output]
+
+
+def _rows(rule, entry):
+    data, start, stop = entry
+    return rule.slice_side(data, start, stop)
+
+
+def _self_pass(program: Program, x: Tensor, ntk: bool) -> Dict[int, object]:
+    """node -> prepared per-input data over all of x (N rows), for the nodes that read
+    variances."""
+    chunks: List[dict] = []
+    with torch.no_grad():
+        step = max(1, min(_SELF_CHUNK, _TILE_ENTRIES["cpu"] // max(1, program.pair_entries)))
+        for start in range(0, x.shape[0], step):
+            record: dict = {}
+            block = x[start:start + step]
+            run(program, block, block, {}, {}, ntk=False, aligned=True, record=record)
+            chunks.append(record)
+    if len(chunks) == 1:
+        return chunks[0]
+    merged = {}
+    for i, first in chunks[0].items():
+        if isinstance(first, Tensor):
+            merged[i] = torch.cat([c[i] for c in chunks])
+        else:
+            merged[i] = tuple(torch.cat([c[i][k] for c in chunks]) for k in range(len(first)))
+    return merged
+
+
+def _tiling(program: Program, batch_size: Optional[int], device: torch.device
+            ) -> Tuple[int, int]:
+    """(tile side, worker threads)."""
+    entries = program.pair_entries
+    if batch_size is not None:
+        tile = batch_size
+    elif device.type == "cpu":
+        tile = max(1, min(_CPU_TILE, math.isqrt(_TILE_ENTRIES["cpu"] // entries)))
+    else:
+        tile = max(1, min(_CUDA_TILE, math.isqrt(_TILE_ENTRIES["other"] // entries)))
+    if device.type != "cpu":
+        return tile, 1
+    threads = torch.get_num_threads()
+    return tile, (threads if tile * tile * entries < _GRAIN else 1)

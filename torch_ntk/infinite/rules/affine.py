@@ -1,0 +1,143 @@
+"""NTK affine layers: dense (``NTKLinear``) and convolutions (``NTKConv1d``/``NTKConv2d``).
+
+With ``z = w / sqrt(fan_in) · W h + b · β`` and ``W, β ~ N(0, 1)``, independent of everything
+before, as the fan-in grows::
+
+    K' = w² · mean K_in + b²,     Θ' = w² · mean Θ_in + K'
+
+where the mean is over the features a dense layer reads (over the positions, for a flattened
+map) and, for a convolution, over the window offsets d: ``K_in[s·t + d, s·t' + d]`` (zero
+outside the padded input; the mean still divides by the window size).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torch_ntk.infinite.rules.base import Orientation, Pair, Rule, Shape
+
+
+class Dense(Rule):
+    """A fully-connected NTK layer on features (or on a flattened map); ``in_features`` None
+    takes any width."""
+
+    name = "dense"
+
+    def __init__(self, in_features: Optional[int], w_std: float, b_std: float,
+                 label: str) -> None:
+        self.in_features, self.w2, self.b2, self.label = in_features, w_std ** 2, b_std ** 2, label
+
+    def shape(self, inputs: Sequence[Shape]) -> Shape:
+        (x,) = inputs
+        if x.spatial and not x.flat and x.positions > 1:
+            raise ValueError(f"{self.label} is applied to a feature map with spatial shape "
+                             f"{x.spatial}; flatten it first (nn.Flatten()) or pool it "
+                             f"(nn.AdaptiveAvgPool2d(1)).")
+        features = x.channels * (x.positions if x.flat else 1)
+        if self.in_features is not None and features != self.in_features:
+            raise ValueError(f"{self.label} expects {self.in_features} input features, the "
+                             f"network gives it {features}.")
+        return Shape(channels=0)
+
+    def input_full(self, out_full: bool, index: int) -> bool:
+        return False
+
+    def apply(self, inputs, orients, out, side1=None, side2=None) -> Pair:
+        (x,), (o,) = inputs, orients
+        k, t = x.nngp, x.ntk
+        if o.spatial:
+            dims = tuple(range(2, 2 + len(o.spatial)))
+            k = o.diagonal(k).mean(dims)
+            t = None if t is None else o.diagonal(t).mean(dims)
+        return _affine(k, t, self.w2, self.b2, out.ntk)
+
+
+class Conv(Rule):
+    """An ``NTKConv1d``/``NTKConv2d``: the mean over matching window offsets, then affine."""
+
+    name = "conv"
+
+    def __init__(self, module, label: str) -> None:
+        self.module, self.label = module, label
+        self.w2, self.b2 = module.w_std ** 2, module.b_std ** 2
+        self.pads: Tuple[Tuple[int, int], ...] = ()
+
+    def shape(self, inputs: Sequence[Shape]) -> Shape:
+        (x,) = inputs
+        m = self.module
+        if len(x.spatial) != m.dims or x.flat:
+            raise ValueError(f"{self.label} ({type(m).__name__}) needs an input with {m.dims} "
+                             f"spatial axes, the network gives it "
+                             f"{'a flattened value' if x.flat else f'spatial shape {x.spatial}'}.")
+        if x.channels != m.in_channels:
+            raise ValueError(f"{self.label} expects {m.in_channels} input channels, the "
+                             f"network gives it {x.channels}.")
+        self.pads = m.pads(x.spatial)
+        out = m.output_size(x.spatial)
+        if min(out) < 1:
+            raise ValueError(f"{self.label}: the input's spatial shape {x.spatial} is smaller "
+                             f"than the kernel {m.kernel_size} (dilation {m.dilation}).")
+        return Shape(channels=m.out_channels, spatial=out)
+
+    def apply(self, inputs, orients, out, side1=None, side2=None) -> Pair:
+        (x,), (o,) = inputs, orients
+        m = self.module
+        mean = (lambda v: window_mean(v, o, m.kernel_size, m.stride, m.dilation, self.pads,
+                                      diagonal_window=True))
+        return _affine(mean(x.nngp), None if x.ntk is None else mean(x.ntk), self.w2, self.b2,
+                       out.ntk)
+
+
+def window_mean(v: Tensor, orient: Orientation, kernel: Tuple[int, ...],
+                stride: Tuple[int, ...], dilation: Tuple[int, ...],
+                pads: Tuple[Tuple[int, int], ...], *, diagonal_window: bool) -> Tensor:
+    """Mean over window offsets of a pair tensor, axis by axis.
+
+    ``diagonal_window``: the same offset d on both sides (a convolution,
+    ``v[s·t + d, s·t' + d]``); otherwise every pair of offsets (d, e) (average pooling).
+    In diagonal layout only the same offsets exist and ``diagonal_window`` must be true.
+    """
+    d = len(orient.spatial)
+    lead = v.shape[:2]
+    for axis in range(d):
+        k, s, dil, (lo, hi) = kernel[axis], stride[axis], dilation[axis], pads[axis]
+        if orient.full:
+            moved = v.movedim((2 + axis, 2 + d + axis), (-2, -1))
+            rest = moved.shape[:-2]
+            plane = moved.reshape(-1, 1, *moved.shape[-2:])
+            if lo or hi:
+                plane = F.pad(plane, (lo, hi, lo, hi))
+            if diagonal_window:
+                weight = torch.eye(k, dtype=v.dtype, device=v.device) / k
+            else:
+                weight = torch.full((k, k), 1.0 / (k * k), dtype=v.dtype, device=v.device)
+            plane = F.conv2d(plane, weight[None, None], stride=s, dilation=dil)
+            v = plane.reshape(*rest, *plane.shape[-2:]).movedim((-2, -1),
+                                                                (2 + axis, 2 + d + axis))
+        else:
+            moved = v.movedim(2 + axis, -1)
+            rest = moved.shape[:-1]
+            line = moved.reshape(-1, 1, moved.shape[-1])
+            if lo or hi:
+                line = F.pad(line, (lo, hi))
+            weight = torch.full((1, 1, k), 1.0 / k, dtype=v.dtype, device=v.device)
+            line = F.conv1d(line, weight, stride=s, dilation=dil)
+            v = line.reshape(*rest, line.shape[-1]).movedim(-1, 2 + axis)
+    assert v.shape[:2] == lead
+    return v
+
+
+def _affine(k: Tensor, t, w2: float, b2: float, ntk: bool) -> Pair:
+    """``K' = w² K + b²``, ``Θ' = w² Θ + K'`` (Θ ``None`` is zero; not computed without
+    ``ntk``)."""
+    k = k * w2
+    if b2:
+        k = k + b2
+    if not ntk:
+        return Pair(k, None)
+    t = k.clone() if t is None else torch.add(k, t, alpha=w2)
+    return Pair(k, t)

@@ -6,6 +6,8 @@ are re-exported by ``torch_ntk``.
 """
 from torch_ntk.infinite.analytic import analytic_ntk
 from torch_ntk.infinite.layers import Erf, NTKConv1d, NTKConv2d
+from torch_ntk.infinite.monte_carlo import monte_carlo_ntk
 from torch_ntk.infinite.ntkmlp import NTKLinear, NTKMLP
 
-__all__ = ["analytic_ntk", "NTKLinear", "NTKMLP", "NTKConv1d", "NTKConv2d", "Erf"]
+__all__ = ["analytic_ntk", "monte_carlo_ntk", "NTKLinear", "NTKMLP", "NTKConv1d", "NTKConv2d",
+           "Erf"]

@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from torch_ntk.infinite.program import Program
+from torch_ntk.infinite.rules.affine import Conv
 from torch_ntk.infinite.rules.base import Orientation, Pair
 from torch_ntk.infinite.rules.structure import Input
+from torch_ntk.native import pairs
 
 # On CPU, tiles of fewer than 32768 entries (ATen's grain size) keep every elementwise op on the
 # calling thread, so such tiles run in parallel on a thread pool, one op stream per core; large
@@ -82,11 +84,24 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
             last_use[j] = i
     values: Dict[int, Pair] = {}
     orients: Dict[int, Orientation] = {}
+    native = not aligned and pairs.available(xa)
+    fused_into: Dict[int, int] = {}
     for i, node in enumerate(nodes):
         orient = Orientation(node.full, node.shape.spatial, aligned, ntk)
         orients[i] = orient
         rule = node.rule
-        if isinstance(rule, Input):
+        if i in fused_into:    # computed with its convolution
+            continue
+        if native and isinstance(rule, Conv):
+            j = program.fusions.get(i)
+            act = None if j is None else nodes[j].rule
+            entry = (None, None) if j is None else (_rows(act, sides_a[j]), _rows(act, sides_b[j]))
+            values[j if j is not None else i] = _native_conv(
+                rule, values[node.inputs[0]], orients[node.inputs[0]], orient, act, *entry)
+            if j is not None:
+                fused_into[j] = i
+                orients[j] = Orientation(nodes[j].full, nodes[j].shape.spatial, aligned, ntk)
+        elif isinstance(rule, Input):
             values[i] = rule.kernel(xa, xb, node.full, aligned)
         else:
             ins = [values[j] for j in node.inputs]
@@ -105,6 +120,19 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
             if last_use[j] == i and j != program.output:
                 del values[j]
     return values[program.output]
+
+
+def _native_conv(rule: Conv, x: Pair, orient_in: Orientation, orient: Orientation, act, s1,
+                 s2) -> Pair:
+    """A Conv node (and the closed-form activation after it) through the native core."""
+    m = rule.module
+    kind = "none" if act is None else act.kind
+    k, t = pairs.conv_pairs(
+        x.nngp, x.ntk, s1, s2, kernel=m.kernel_size, stride=m.stride, dilation=m.dilation,
+        pad=tuple(lo for lo, _ in rule.pads), out_size=orient.spatial, full=orient.full,
+        ntk=orient.ntk, w2=rule.w2, b2=rule.b2, act=kind,
+        slope=0.0 if act is None else act.slope)
+    return Pair(k, t)
 
 
 def _rows(rule, entry):

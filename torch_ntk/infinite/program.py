@@ -23,7 +23,7 @@ import torch.fx
 from torch import nn
 
 from torch_ntk.infinite.rules import registry
-from torch_ntk.infinite.rules.activations import Activation
+from torch_ntk.infinite.rules.activations import Activation, ClosedForm
 from torch_ntk.infinite.rules.affine import Conv, Dense
 from torch_ntk.infinite.rules.base import Rule, Shape
 from torch_ntk.infinite.rules.norm import LayerNorm
@@ -50,6 +50,7 @@ class Program:
     nodes: List[Node]
     output: int
     input_shape: tuple = ()
+    fusions: dict = dataclasses.field(default_factory=dict)  # conv node -> its activation
 
     @property
     def pair_entries(self) -> int:
@@ -100,7 +101,7 @@ def trace(model: nn.Module) -> Program:
                              f"as a keyword argument, which is not supported.")
         if fx_node.op == "call_module":
             module = model.get_submodule(fx_node.target)
-            label = fx_node.target
+            label = f"{fx_node.target} ({type(module).__name__})"
             if id(module) in seen_modules:
                 raise ValueError(
                     f"analytic_ntk: the module {label} is called more than once (also as "
@@ -188,7 +189,23 @@ def plan(program: Program, input_shape: Sequence[int]) -> Program:
                          f"End with a dense layer (after nn.Flatten()) or global average "
                          f"pooling.")
     _layouts(program)
+    _fusions(program)
     return program
+
+
+def _fusions(program: Program) -> None:
+    """Convolutions whose only consumer is a closed-form activation: the native core computes
+    the two in one pass."""
+    consumers: dict = {}
+    for i, node in enumerate(program.nodes):
+        for j in node.inputs:
+            consumers.setdefault(j, []).append(i)
+    program.fusions = {}
+    for i, node in enumerate(program.nodes):
+        users = consumers.get(i, [])
+        if (isinstance(node.rule, Conv) and i != program.output and len(users) == 1
+                and isinstance(program.nodes[users[0]].rule, ClosedForm)):
+            program.fusions[i] = users[0]
 
 
 def _layouts(program: Program) -> None:

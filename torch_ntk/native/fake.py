@@ -23,6 +23,20 @@ if loader._C is not None:
         _check_gram_shapes("gram_sum_sym_out", h, h, d, d, c, kind, out)
 
 
+    @torch.library.register_fake("torch_ntk::conv_pairs")
+    def _conv_pairs_fake(k, t, s1, s2, kernel, stride, dilation, pad, out_size, full, ntk, w2,
+                         b2, act, slope):
+        dims = len(kernel)
+        if dims not in (1, 2) or k.dim() != 2 + dims * (2 if full else 1):
+            raise ValueError(f"conv_pairs: k must be (B1, B2, *S{', *S' if full else ''}) with "
+                             f"1 or 2 spatial axes, got {tuple(k.shape)} for {dims}.")
+        if t is not None and (t.shape != k.shape or t.dtype != k.dtype):
+            raise ValueError(f"conv_pairs: t must match k, got {tuple(t.shape)} {t.dtype} vs "
+                             f"{tuple(k.shape)} {k.dtype}.")
+        shape = tuple(k.shape[:2]) + tuple(out_size) * (2 if full else 1)
+        return k.new_empty(shape), (k.new_empty(shape) if ntk else k.new_empty(0))
+
+
 # Internal helpers
 
 def _check_gram_shapes(op, h1, h2, d1, d2, c, mode, out) -> None:

@@ -1,4 +1,5 @@
-"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with zero padding (any stride, dilation, groups, padding).
+"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with zero padding (any stride, dilation, groups,
+padding), and ``torch_ntk.NTKConv1d/2d`` (``z = α conv(W, h) + β b``).
 
 The per-sample weight gradient of a call is ``Σ_t δ_t patch_tᵀ`` over the output positions t,
 with the input patches taken as a strided view of the padded input: one contraction per
@@ -14,14 +15,16 @@ from torch import Tensor, nn
 
 from torch_ntk.empirical.rules.base import Call, Layer, Rule
 from torch_ntk.empirical.rules.linear import _has_hooks
+from torch_ntk.infinite.layers import _NTKConvNd
 
 
 class ConvRule(Rule):
     name = "conv"
 
     def matches(self, module: nn.Module) -> bool:
-        return (type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros"
-                and "weight" in module._parameters and not _has_hooks(module))
+        plain = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros"
+        ntk = isinstance(module, _NTKConvNd) and type(module).forward is _NTKConvNd.forward
+        return (plain or ntk) and "weight" in module._parameters and not _has_hooks(module)
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:
         dims = len(layer.module.kernel_size) + 2
@@ -46,6 +49,7 @@ class ConvRule(Rule):
         """One entry per output position t: (patch_t, δ_t, [bias]); paired over (t, t')."""
         module = layer.module
         spatial = len(module.kernel_size)
+        alpha, beta = _scales(module)
         view = _patch_view(module, call.inputs()[0])             # (n, C_in, *out, *kernel)
         n = view.shape[0]
         order = ((0,) + tuple(range(2, 2 + spatial)) + (1,)
@@ -53,7 +57,9 @@ class ConvRule(Rule):
         patches = view.permute(order).reshape(n, -1, _patch_size(module))   # (n, T, p)
         k, _, q = delta[0].shape[:3]
         d = delta[0].reshape(k, n, q, -1).permute(3, 1, 0, 2)    # (T, n, K, q)
-        c = 1.0 if "bias" in layer.params else 0.0
+        c = beta ** 2 if "bias" in layer.params else 0.0
+        if alpha != 1.0:
+            patches = patches * alpha
         entries = []
         for t in range(d.shape[0]):
             h = patches[:, t] if "weight" in layer.params else patches.new_empty(n, 0)
@@ -79,6 +85,7 @@ class ConvRule(Rule):
                              deltas: list[list[Tensor]]) -> Tensor:
         module = layer.module
         groups, spatial = module.groups, len(module.kernel_size)
+        alpha, beta = _scales(module)
         g_w = g_b = None
         for call, delta in zip(calls, deltas):
             k, n, c_out = delta[0].shape[:3]
@@ -89,9 +96,13 @@ class ConvRule(Rule):
                 axes = "xyz"[:spatial]
                 kern = "ijl"[:spatial]
                 w = torch.einsum(f"ango{axes},ngc{axes}{kern}->nagoc{kern}", d, view)
+                if alpha != 1.0:
+                    w = w * alpha
                 g_w = w.reshape(n, k, -1) if g_w is None else g_w + w.reshape(n, k, -1)
             if "bias" in layer.params:
                 b = delta[0].reshape(k, n, c_out, -1).sum(3).transpose(0, 1)
+                if beta != 1.0:
+                    b = b * beta
                 g_b = b if g_b is None else g_b + b
         return torch.cat([g for g in (g_w, g_b) if g is not None], dim=2)
 
@@ -103,7 +114,7 @@ def _patch_view(module: nn.Module, h: Tensor) -> Tensor:
 
     Padding makes one padded copy of the input; the patches themselves are not copied.
     """
-    h = F.pad(h, _padding(module))
+    h = F.pad(h, _padding(module, tuple(h.shape[2:])))
     for i, (size, stride, dilation) in enumerate(zip(module.kernel_size, module.stride,
                                                      module.dilation)):
         h = h.unfold(2 + i, dilation * (size - 1) + 1, stride)
@@ -117,8 +128,17 @@ def _patch_size(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
-def _padding(module: nn.Module) -> list[int]:
-    """F.pad amounts (last dimension first) equal to the module's padding."""
+def _scales(module: nn.Module) -> tuple[float, float]:
+    if isinstance(module, _NTKConvNd):
+        return module.weight_scale, module.bias_scale
+    return 1.0, 1.0
+
+
+def _padding(module: nn.Module, spatial: tuple[int, ...]) -> list[int]:
+    """F.pad amounts (last dimension first) equal to the module's padding for an input of
+    spatial size ``spatial``."""
+    if isinstance(module, _NTKConvNd):
+        return [p for pair in reversed(module.pads(spatial)) for p in pair]
     pads: list[int] = []
     for i in reversed(range(len(module.kernel_size))):
         if module.padding == "valid":

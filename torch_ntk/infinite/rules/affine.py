@@ -95,39 +95,42 @@ class Conv(Rule):
 def window_mean(v: Tensor, orient: Orientation, kernel: Tuple[int, ...],
                 stride: Tuple[int, ...], dilation: Tuple[int, ...],
                 pads: Tuple[Tuple[int, int], ...], *, diagonal_window: bool) -> Tensor:
-    """Mean over window offsets of a pair tensor, axis by axis.
+    """Mean over window offsets of a pair tensor, axis by axis (strided slices of the
+    zero-padded tensor, one addition per offset).
 
     ``diagonal_window``: the same offset d on both sides (a convolution,
-    ``v[s·t + d, s·t' + d]``); otherwise every pair of offsets (d, e) (average pooling).
-    In diagonal layout only the same offsets exist and ``diagonal_window`` must be true.
+    ``v[s·t + d, s·t' + d]``); otherwise every pair of offsets (d, e) (average pooling, where
+    the two sides are summed one after the other). The diagonal layout has only the first kind.
     """
     d = len(orient.spatial)
-    lead = v.shape[:2]
     for axis in range(d):
         k, s, dil, (lo, hi) = kernel[axis], stride[axis], dilation[axis], pads[axis]
-        if orient.full:
-            moved = v.movedim((2 + axis, 2 + d + axis), (-2, -1))
-            rest = moved.shape[:-2]
-            plane = moved.reshape(-1, 1, *moved.shape[-2:])
-            if lo or hi:
-                plane = F.pad(plane, (lo, hi, lo, hi))
-            if diagonal_window:
-                weight = torch.eye(k, dtype=v.dtype, device=v.device) / k
-            else:
-                weight = torch.full((k, k), 1.0 / (k * k), dtype=v.dtype, device=v.device)
-            plane = F.conv2d(plane, weight[None, None], stride=s, dilation=dil)
-            v = plane.reshape(*rest, *plane.shape[-2:]).movedim((-2, -1),
-                                                                (2 + axis, 2 + d + axis))
+        dims = (2 + axis, 2 + d + axis) if orient.full else (2 + axis,)
+        size = v.shape[dims[0]] + lo + hi
+        out = (size - dil * (k - 1) - 1) // s + 1
+        if lo or hi:
+            widths = [0] * (2 * v.dim())
+            for dim in dims:
+                widths[2 * (v.dim() - 1 - dim)] = lo
+                widths[2 * (v.dim() - 1 - dim) + 1] = hi
+            v = F.pad(v, widths)
+
+        def taps(t: Tensor, dim_set) -> Tensor:
+            acc = None
+            for j in range(k):
+                index = [slice(None)] * t.dim()
+                for dim in dim_set:
+                    index[dim] = slice(j * dil, j * dil + s * (out - 1) + 1, s)
+                piece = t[tuple(index)]
+                acc = piece.clone() if acc is None else acc.add_(piece)
+            return acc
+
+        if diagonal_window:
+            v = taps(v, dims).div_(k)
         else:
-            moved = v.movedim(2 + axis, -1)
-            rest = moved.shape[:-1]
-            line = moved.reshape(-1, 1, moved.shape[-1])
-            if lo or hi:
-                line = F.pad(line, (lo, hi))
-            weight = torch.full((1, 1, k), 1.0 / k, dtype=v.dtype, device=v.device)
-            line = F.conv1d(line, weight, stride=s, dilation=dil)
-            v = line.reshape(*rest, line.shape[-1]).movedim(-1, 2 + axis)
-    assert v.shape[:2] == lead
+            for dim in dims:
+                v = taps(v, (dim,))
+            v = v.div_(k * k)
     return v
 
 

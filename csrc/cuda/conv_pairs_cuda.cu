@@ -1,0 +1,101 @@
+// CUDA kernel of conv_pairs (csrc/conv_pairs.h): one thread per output entry of the block of
+// pairs; it sums the kh * kw matching window taps of k (and t) straight from global memory
+// (neighbouring threads read neighbouring entries), applies the affine map and the activation,
+// and writes the outputs once.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "../conv_pairs.h"
+
+namespace torch_ntk {
+namespace {
+
+template <typename T>
+__global__ void conv_pairs_cuda_kernel(PairGeometry g, const T* __restrict__ k,
+                                       const T* __restrict__ t, const T* __restrict__ s1,
+                                       const T* __restrict__ s2, T* __restrict__ k_out,
+                                       T* __restrict__ t_out, T w2, T b2, T slope, T near,
+                                       PairAct act, int64_t total) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const int64_t out_pair = g.out_pair(), in_pair = g.in_pair();
+  const int64_t p = idx / out_pair, e = idx % out_pair;
+  const int64_t i1 = p / g.b2, i2 = p % g.b2;
+  int64_t u1, v1, u2, v2;
+  if (g.full) {
+    v2 = e % g.wo;
+    u2 = (e / g.wo) % g.ho;
+    v1 = (e / (g.wo * g.ho)) % g.wo;
+    u1 = e / (g.wo * g.ho * g.wo);
+  } else {
+    v1 = v2 = e % g.wo;
+    u1 = u2 = e / g.wo;
+  }
+  const T* kin = k + p * in_pair;
+  const T* tin = t ? t + p * in_pair : nullptr;
+  T mk = T(0), mt = T(0);
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t h1 = g.sh * u1 + g.dh * a - g.ph, h2 = g.sh * u2 + g.dh * a - g.ph;
+    if (h1 < 0 || h1 >= g.h || h2 < 0 || h2 >= g.h) continue;
+    for (int64_t b = 0; b < g.kw; ++b) {
+      const int64_t w1 = g.sw * v1 + g.dw * b - g.pw, w2i = g.sw * v2 + g.dw * b - g.pw;
+      if (w1 < 0 || w1 >= g.w || w2i < 0 || w2i >= g.w) continue;
+      const int64_t at = g.full ? ((h1 * g.w + w1) * g.h + h2) * g.w + w2i : h1 * g.w + w1;
+      mk += kin[at];
+      if (tin) mt += tin[at];
+    }
+  }
+  const T inv = T(1) / T(g.kh * g.kw);
+  const T kk = w2 * (mk * inv) + b2;
+  const T tt = tin ? w2 * (mt * inv) + kk : kk;
+  const int64_t po = g.ho * g.wo;
+  const T sa = s1 ? s1[i1 * po + u1 * g.wo + v1] : T(0);
+  const T sb = s2 ? s2[i2 * po + u2 * g.wo + v2] : T(0);
+  T ko, to;
+  pair_activation<T>(kk, tt, sa, sb, act, slope, near, &ko, &to);
+  k_out[idx] = ko;
+  if (t_out) t_out[idx] = to;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_pairs_cuda(
+    const at::Tensor& k, const c10::optional<at::Tensor>& t, const at::Tensor& s1,
+    const at::Tensor& s2, at::IntArrayRef kernel, at::IntArrayRef stride,
+    at::IntArrayRef dilation, at::IntArrayRef pad, at::IntArrayRef out_size, bool full, bool ntk,
+    double w2, double b2, c10::string_view act_name, double slope) {
+  const PairAct act = parse_pair_act(std::string(act_name));
+  const PairGeometry g =
+      check_conv_pairs(k, t, s1, s2, kernel, stride, dilation, pad, out_size, full, act);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const auto shape = conv_pairs_out_shape(k, out_size, full);
+  at::Tensor kc = k.contiguous();
+  at::Tensor tc = t.has_value() && ntk ? t->contiguous() : at::Tensor();
+  at::Tensor s1c = s1.contiguous(), s2c = s2.contiguous();
+  at::Tensor k_out = at::empty(shape, k.options());
+  at::Tensor t_out = ntk ? at::empty(shape, k.options()) : at::empty({0}, k.options());
+  const int64_t total = g.b1 * g.b2 * g.out_pair();
+  if (total == 0) return {k_out, t_out};
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "conv_pairs_cuda", [&] {
+    const scalar_t near = scalar_t(1) - scalar_t(8) * std::numeric_limits<scalar_t>::epsilon();
+    conv_pairs_cuda_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        g, kc.data_ptr<scalar_t>(), tc.defined() ? tc.data_ptr<scalar_t>() : nullptr,
+        act != PairAct::None ? s1c.data_ptr<scalar_t>() : nullptr,
+        act != PairAct::None ? s2c.data_ptr<scalar_t>() : nullptr, k_out.data_ptr<scalar_t>(),
+        ntk ? t_out.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(w2),
+        static_cast<scalar_t>(b2), static_cast<scalar_t>(slope), near, act, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {k_out, t_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ntk, CUDA, m) { m.impl("conv_pairs", &conv_pairs_cuda); }
+
+}  // namespace torch_ntk

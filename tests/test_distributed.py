@@ -83,6 +83,17 @@ def _same_as_single_process(rank: int, world: int, tmp: str, monkeypatch,
         got = torch_ntk.distributed.analytic_ntk(x1, x2, depth=2, activation="tanh",
                                                  path=os.path.join(tmp, "tanh.npy"))
         _close(got, ref, "analytic tanh single get, path")
+        net = nn.Sequential(torch_ntk.NTKConv1d(1, 4, 3, padding="same"), nn.ReLU(),
+                            nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                            torch_ntk.NTKLinear(4, 1, w_std=1.0)).double()
+        xs = torch.randn(9, 1, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        for other in (None, xs[:4]):
+            ref = torch_ntk.analytic_ntk(net, xs, other, get=("nngp", "ntk"))
+            got = torch_ntk.distributed.analytic_ntk(net, xs, other, get=("nngp", "ntk"))
+            for f in ("nngp", "ntk"):
+                _close(getattr(got, f), getattr(ref, f), f"analytic of a module {f}")
+        got = torch_ntk.distributed.analytic_ntk(net, xs, path=os.path.join(tmp, "net.npy"))
+        _close(got, torch_ntk.analytic_ntk(net, xs), "analytic of a module, path")
 
 
 def _errors_on_every_rank(rank: int, world: int, tmp: str, monkeypatch) -> None:

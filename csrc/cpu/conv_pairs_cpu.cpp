@@ -1,9 +1,22 @@
 // CPU kernel of conv_pairs (csrc/conv_pairs.h): pairs in parallel; per pair the window mean is
 // taken axis by axis (height, then width) through a pair-local buffer, so each output entry
 // costs kh + kw additions instead of kh * kw, with unit-stride inner loops; the affine map and
-// the activation are applied to each output row as it is finished.
+// the activation are applied to each output row as it is finished, in a few simple loops that
+// the compiler vectorises. On x86-64 CPUs with AVX2 the rows run in an AVX2 build of those loops
+// with SLEEF's vector asin (1-ulp, the one ATen's own asin uses, found in libtorch at run time);
+// elsewhere in the default build with std::asin.
+#pragma GCC optimize("no-math-errno")  // lets sqrt vectorise; inputs are never negative here
+
 #include <algorithm>
+#include <cmath>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TORCH_NTK_X86 1
+extern "C" __m256d Sleef_asind4_u10avx2(__m256d) __attribute__((weak));
+extern "C" __m256 Sleef_asinf8_u10avx2(__m256) __attribute__((weak));
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,7 +49,7 @@ struct Args {
   PairAct act;
 };
 
-// Stage 1 of the full layout: mean over the height offsets, (h, w, h, w) -> (ho, w, ho, w).
+// Stage 1 of the full layout: sum over the height offsets, (h, w, h, w) -> (ho, w, ho, w).
 template <typename T>
 void height_pass_full(const PairGeometry& g, const T* in, T* tmp) {
   const int64_t w = g.w, h = g.h, ho = g.ho;
@@ -52,36 +65,46 @@ void height_pass_full(const PairGeometry& g, const T* in, T* tmp) {
           for (int64_t w2 = 0; w2 < w; ++w2) dst[w2] += src[w2];
         }
       }
-  const T inv = T(1) / T(g.kh);
-  for (int64_t i = 0; i < ho * w * ho * w; ++i) tmp[i] *= inv;
 }
 
-// Stage 2 of the full layout for one output row (u1, v1, u2, :): mean over the width offsets.
-template <typename T>
-void width_row_full(const PairGeometry& g, const T* tmp, int64_t u1, int64_t v1, int64_t u2,
-                    T* row) {
-  const int64_t w = g.w, ho = g.ho, wo = g.wo;
-  std::fill(row, row + wo, T(0));
-  for (int64_t j = 0; j < g.kw; ++j) {
-    const int64_t w1 = g.sw * v1 + g.dw * j - g.pw;
-    if (w1 < 0 || w1 >= w) continue;
-    const int64_t off = g.dw * j - g.pw;
-    int64_t lo, hi;
-    tap_range(g.sw, off, w, wo, &lo, &hi);
-    const T* src = tmp + ((u1 * w + w1) * ho + u2) * w + off;
-    if (g.sw == 1) {
-      for (int64_t v2 = lo; v2 < hi; ++v2) row[v2] += src[v2];
-    } else {
-      for (int64_t v2 = lo; v2 < hi; ++v2) row[v2] += src[g.sw * v2];
+// The width taps of a call: per offset j, the input column offset and the range [lo, hi) of
+// output columns whose input column s v + off is inside the input.
+struct WidthTaps {
+  std::vector<int64_t> off, lo, hi;
+  explicit WidthTaps(const PairGeometry& g) : off(g.kw), lo(g.kw), hi(g.kw) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      off[j] = g.dw * j - g.pw;
+      tap_range(g.sw, off[j], g.w, g.wo, &lo[j], &hi[j]);
     }
   }
-  const T inv = T(1) / T(g.kw);
-  for (int64_t v2 = 0; v2 < wo; ++v2) row[v2] *= inv;
+};
+
+// Stage 2 of the full layout for one side-1 position (u1, v1): the sum over the width
+// offsets of its block (u2, v2) of ho * wo entries (sums; finish divides by the window).
+template <typename T>
+void width_block_full(const PairGeometry& g, const WidthTaps& taps, const T* tmp, int64_t u1,
+                      int64_t v1, T* block) {
+  const int64_t w = g.w, ho = g.ho, wo = g.wo;
+  std::fill(block, block + ho * wo, T(0));
+  for (int64_t j = 0; j < g.kw; ++j) {
+    const int64_t w1 = g.sw * v1 + taps.off[j];
+    if (w1 < 0 || w1 >= w) continue;
+    const int64_t lo = taps.lo[j], hi = taps.hi[j], off = taps.off[j];
+    for (int64_t u2 = 0; u2 < ho; ++u2) {
+      const T* src = tmp + ((u1 * w + w1) * ho + u2) * w + off;
+      T* dst = block + u2 * wo;
+      if (g.sw == 1) {
+        for (int64_t v2 = lo; v2 < hi; ++v2) dst[v2] += src[v2];
+      } else {
+        for (int64_t v2 = lo; v2 < hi; ++v2) dst[v2] += src[g.sw * v2];
+      }
+    }
+  }
 }
 
 // The diagonal layout of one pair: (h, w) -> (ho, wo), both axes through `tmp` (ho, w).
 template <typename T>
-void window_diag(const PairGeometry& g, const T* in, T* tmp, T* out) {
+void window_diag(const PairGeometry& g, const WidthTaps& taps, const T* in, T* tmp, T* out) {
   const int64_t w = g.w, h = g.h, ho = g.ho, wo = g.wo;
   std::fill(tmp, tmp + ho * w, T(0));
   for (int64_t u = 0; u < ho; ++u)
@@ -90,33 +113,146 @@ void window_diag(const PairGeometry& g, const T* in, T* tmp, T* out) {
       if (hh < 0 || hh >= h) continue;
       for (int64_t x = 0; x < w; ++x) tmp[u * w + x] += in[hh * w + x];
     }
-  const T inv_h = T(1) / T(g.kh), inv_w = T(1) / T(g.kw);
-  for (int64_t i = 0; i < ho * w; ++i) tmp[i] *= inv_h;
   std::fill(out, out + ho * wo, T(0));
-  for (int64_t u = 0; u < ho; ++u)
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t off = g.dw * j - g.pw;
-      int64_t lo, hi;
-      tap_range(g.sw, off, w, wo, &lo, &hi);
+  for (int64_t j = 0; j < g.kw; ++j) {
+    const int64_t off = taps.off[j], lo = taps.lo[j], hi = taps.hi[j];
+    for (int64_t u = 0; u < ho; ++u)
       for (int64_t v = lo; v < hi; ++v) out[u * wo + v] += tmp[u * w + g.sw * v + off];
-    }
-  for (int64_t i = 0; i < ho * wo; ++i) out[i] *= inv_w;
+  }
 }
 
-// Affine map and activation of `n` entries: means mk (and mt) -> outputs; sa per entry or
-// one value (sa_step 0), likewise sb.
+// Per-thread buffers of one block of entries.
 template <typename T>
-inline void finish(const Args<T>& a, const T* mk, const T* mt, const T* sa, int64_t sa_step,
-                   const T* sb, int64_t sb_step, int64_t n, T* ko, T* to) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T kk = a.w2 * mk[i] + a.b2;
-    const T tt = mt ? a.w2 * mt[i] + kk : kk;
-    T k_act, t_act;
-    pair_activation<T>(kk, tt, sa ? sa[i * sa_step] : T(0), sb ? sb[i * sb_step] : T(0), a.act,
-                       a.slope, a.near, &k_act, &t_act);
-    ko[i] = k_act;
-    if (to) to[i] = t_act;
+struct RowScratch {
+  std::vector<T> kk, tt, rho, as;
+  explicit RowScratch(int64_t n) : kk(n), tt(n), rho(n), as(n) {}
+};
+
+// One block of n entries: the window sums mk (and mt) -> outputs ko (and to). Side 1's
+// deviation and its inverse are sa[i], ia[i], or the constants sa_c, ia_c when kScalarA; side
+// 2's are sb[i], ib[i]. `asin_fn(x, y, n)` fills y = asin(x).
+template <bool kScalarA, typename T, typename AsinFn>
+__attribute__((always_inline)) inline void finish_impl(
+    const Args<T>& a, const T* __restrict__ mk, const T* __restrict__ mt, T sa_c, T ia_c,
+    const T* __restrict__ sa, const T* __restrict__ ia, const T* __restrict__ sb,
+    const T* __restrict__ ib, int64_t n, T* __restrict__ ko, T* __restrict__ to,
+    RowScratch<T>& r, AsinFn asin_fn) {
+  constexpr T kPi = T(3.14159265358979323846);
+  T* __restrict__ kk = r.kk.data();
+  T* __restrict__ tt = r.tt.data();
+  T* __restrict__ rho = r.rho.data();
+  T* __restrict__ as = r.as.data();
+  const T wk = a.w2 / T(a.g.kh * a.g.kw), b2 = a.b2, w2 = a.w2, near = a.near;
+  T* kdst = a.act == PairAct::None ? ko : kk;
+  for (int64_t i = 0; i < n; ++i) kdst[i] = wk * mk[i] + b2;
+  T* tdst = a.act == PairAct::None ? to : tt;
+  if (tdst && mt) {
+    for (int64_t i = 0; i < n; ++i) tdst[i] = (wk * mt[i]) + kdst[i];
+  } else if (tdst) {
+    for (int64_t i = 0; i < n; ++i) tdst[i] = kdst[i];
   }
+  (void)w2;
+  if (a.act == PairAct::None) return;
+  if (a.act == PairAct::Erf) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T s1 = kScalarA ? sa_c : sa[i];
+      const T q = (T(1) + T(2) * s1 * s1) * (T(1) + T(2) * sb[i] * sb[i]);
+      const T x = kk[i] * (T(2) * (T(1) / std::sqrt(q)));
+      rho[i] = x > T(1) ? T(1) : (x < T(-1) ? T(-1) : x);
+      as[i] = q;  // kept for the derivative
+    }
+    if (to)
+      for (int64_t i = 0; i < n; ++i)
+        to[i] = tt[i] * (T(1) / std::sqrt(kk[i] * kk[i] * T(-4) + as[i]) * (T(4) / kPi));
+    asin_fn(rho, as, n);
+    for (int64_t i = 0; i < n; ++i) ko[i] = as[i] * (T(2) / kPi);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    T x = kk[i] * (kScalarA ? ia_c : ia[i]) * ib[i];
+    x = x > T(1) ? T(1) : (x < T(-1) ? T(-1) : x);
+    x = x >= near ? T(1) : x;
+    rho[i] = x <= -near ? T(-1) : x;
+  }
+  asin_fn(rho, as, n);
+  const bool leaky = a.act == PairAct::LeakyRelu;
+  const T lw = leaky ? (T(1) - a.slope) * (T(1) - a.slope) : T(1);
+  const T slope = leaky ? a.slope : T(0);
+  constexpr T inv2pi = T(1) / (T(2) * kPi);
+  for (int64_t i = 0; i < n; ++i) {
+    const T pm = as[i] + kPi / T(2);
+    const T k = (std::sqrt(T(1) - rho[i] * rho[i]) + rho[i] * pm) *
+                ((kScalarA ? sa_c : sa[i]) * inv2pi) * sb[i];
+    ko[i] = k * lw + slope * kk[i];
+  }
+  if (to)
+    for (int64_t i = 0; i < n; ++i) to[i] = tt[i] * (((as[i] + kPi / T(2)) * inv2pi) * lw + slope);
+}
+
+inline void asin_scalar(const double* x, double* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = std::asin(x[i]);
+}
+inline void asin_scalar(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = std::asin(x[i]);
+}
+
+template <bool kScalarA, typename T>
+void finish_default(const Args<T>& a, const T* mk, const T* mt, T sa_c, T ia_c, const T* sa,
+                    const T* ia, const T* sb, const T* ib, int64_t n, T* ko, T* to,
+                    RowScratch<T>& r) {
+  finish_impl<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r,
+                        [](const T* x, T* y, int64_t m) { asin_scalar(x, y, m); });
+}
+
+#ifdef TORCH_NTK_X86
+__attribute__((target("avx2,fma"))) void asin_avx2(const double* x, double* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, Sleef_asind4_u10avx2(_mm256_loadu_pd(x + i)));
+  for (; i < n; ++i) y[i] = std::asin(x[i]);
+}
+__attribute__((target("avx2,fma"))) void asin_avx2(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, Sleef_asinf8_u10avx2(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) y[i] = std::asin(x[i]);
+}
+template <bool kScalarA, typename T>
+__attribute__((target("avx2,fma"))) void finish_avx2(const Args<T>& a, const T* mk, const T* mt,
+                                                      T sa_c, T ia_c, const T* sa, const T* ia,
+                                                      const T* sb, const T* ib, int64_t n, T* ko,
+                                                      T* to, RowScratch<T>& r) {
+  finish_impl<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r,
+                        [](const T* x, T* y, int64_t m) { asin_avx2(x, y, m); });
+}
+#endif
+
+// Whether this CPU runs the AVX2 build (and libtorch exports SLEEF's AVX2 asin).
+inline bool use_avx2() {
+#ifdef TORCH_NTK_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         Sleef_asind4_u10avx2 != nullptr && Sleef_asinf8_u10avx2 != nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <bool kScalarA, typename T>
+inline void finish(const Args<T>& a, const T* mk, const T* mt, T sa_c, T ia_c, const T* sa,
+                   const T* ia, const T* sb, const T* ib, int64_t n, T* ko, T* to,
+                   RowScratch<T>& r) {
+#ifdef TORCH_NTK_X86
+  if (use_avx2())
+    return finish_avx2<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r);
+#endif
+  finish_default<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r);
+}
+
+// 1 / s, and 0 for s = 0.
+template <typename T>
+std::vector<T> inverses(const T* s, int64_t n) {
+  std::vector<T> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = s[i] > T(0) ? T(1) / s[i] : T(0);
+  return out;
 }
 
 template <typename T>
@@ -126,10 +262,14 @@ void conv_pairs_kernel(const Args<T>& a) {
   const int64_t po = g.ho * g.wo;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_pair));
   const bool with_sides = a.act != PairAct::None;
+  const WidthTaps taps(g);
+  const std::vector<T> inv1 = with_sides ? inverses(a.s1, g.b1 * po) : std::vector<T>();
+  const std::vector<T> inv2 = with_sides ? inverses(a.s2, g.b2 * po) : std::vector<T>();
   at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
     const int64_t tmp_size = g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w;
     std::vector<T> tmp_k(tmp_size), tmp_t(a.t ? tmp_size : 0);
-    std::vector<T> row_k(g.full ? g.wo : po), row_t(g.full ? g.wo : po);
+    std::vector<T> row_k(po), row_t(po);
+    RowScratch<T> scratch(po);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t i1 = p / g.b2, i2 = p % g.b2;
       const T* kin = a.k + p * in_pair;
@@ -138,24 +278,30 @@ void conv_pairs_kernel(const Args<T>& a) {
       T* to = a.t_out ? a.t_out + p * out_pair : nullptr;
       const T* sa = with_sides ? a.s1 + i1 * po : nullptr;
       const T* sb = with_sides ? a.s2 + i2 * po : nullptr;
+      const T* ia = with_sides ? inv1.data() + i1 * po : nullptr;
+      const T* ib = with_sides ? inv2.data() + i2 * po : nullptr;
       if (!g.full) {
-        window_diag(g, kin, tmp_k.data(), row_k.data());
-        if (tin) window_diag(g, tin, tmp_t.data(), row_t.data());
-        finish(a, row_k.data(), tin ? row_t.data() : nullptr, sa, 1, sb, 1, po, ko, to);
+        window_diag(g, taps, kin, tmp_k.data(), row_k.data());
+        if (tin) window_diag(g, taps, tin, tmp_t.data(), row_t.data());
+        finish<false>(a, row_k.data(), tin ? row_t.data() : nullptr, T(0), T(0), sa, ia, sb, ib,
+                      po, ko, to, scratch);
         continue;
       }
       height_pass_full(g, kin, tmp_k.data());
       if (tin) height_pass_full(g, tin, tmp_t.data());
+      // One block per side-1 position (u1, v1): its po entries (u2, v2) share sa and read
+      // side 2's deviations in order.
       for (int64_t u1 = 0; u1 < g.ho; ++u1)
-        for (int64_t v1 = 0; v1 < g.wo; ++v1)
-          for (int64_t u2 = 0; u2 < g.ho; ++u2) {
-            width_row_full(g, tmp_k.data(), u1, v1, u2, row_k.data());
-            if (tin) width_row_full(g, tmp_t.data(), u1, v1, u2, row_t.data());
-            const int64_t at = ((u1 * g.wo + v1) * g.ho + u2) * g.wo;
-            finish(a, row_k.data(), tin ? row_t.data() : nullptr,
-                   sa ? sa + u1 * g.wo + v1 : nullptr, 0, sb ? sb + u2 * g.wo : nullptr, 1,
-                   g.wo, ko + at, to ? to + at : nullptr);
-          }
+        for (int64_t v1 = 0; v1 < g.wo; ++v1) {
+          width_block_full(g, taps, tmp_k.data(), u1, v1, row_k.data());
+          if (tin) width_block_full(g, taps, tmp_t.data(), u1, v1, row_t.data());
+          const int64_t at = (u1 * g.wo + v1) * po;
+          const int64_t e1 = u1 * g.wo + v1;
+          finish<true>(a, row_k.data(), tin ? row_t.data() : nullptr, sa ? sa[e1] : T(0),
+                       ia ? ia[e1] : T(0), static_cast<const T*>(nullptr),
+                       static_cast<const T*>(nullptr), sb, ib, po, ko + at,
+                       to ? to + at : nullptr, scratch);
+        }
     }
   });
 }
@@ -193,8 +339,69 @@ std::tuple<at::Tensor, at::Tensor> conv_pairs_cpu(
   return {k_out, t_out};
 }
 
+// out[o, u, i] = mean_j in[o, s u + j, i] over the window j < k (no padding): one axis of a
+// pair's array seen as (outer, n, inner) -> (outer, no, inner).
+template <typename T>
+void pool_axis(const T* in, int64_t outer, int64_t n, int64_t inner, int64_t k, int64_t s,
+               int64_t no, T* out) {
+  const T inv = T(1) / T(k);
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t u = 0; u < no; ++u) {
+      T* dst = out + (o * no + u) * inner;
+      const T* src = in + (o * n + s * u) * inner;
+      for (int64_t i = 0; i < inner; ++i) dst[i] = src[i];
+      for (int64_t j = 1; j < k; ++j)
+        for (int64_t i = 0; i < inner; ++i) dst[i] += src[j * inner + i];
+      for (int64_t i = 0; i < inner; ++i) dst[i] *= inv;
+    }
+}
+
+// Average pooling of a pair's full array (h, w, h, w) -> (ho, wo, ho, wo), one axis at a time.
+template <typename T>
+void pool_pair(const PairGeometry& g, const T* in, T* buf_a, T* buf_b, T* out) {
+  const int64_t h = g.h, w = g.w, ho = g.ho, wo = g.wo;
+  pool_axis(in, 1, h, w * h * w, g.kh, g.sh, ho, buf_a);               // (ho, w, h, w)
+  pool_axis(buf_a, ho * w, h, w, g.kh, g.sh, ho, buf_b);               // (ho, w, ho, w)
+  pool_axis(buf_b, ho, w, ho * w, g.kw, g.sw, wo, buf_a);              // (ho, wo, ho, w)
+  pool_axis(buf_a, ho * wo * ho, w, 1, g.kw, g.sw, wo, out);           // (ho, wo, ho, wo)
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_pairs_cpu(const at::Tensor& k,
+                                                  const c10::optional<at::Tensor>& t,
+                                                  at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                  at::IntArrayRef out_size) {
+  const std::vector<int64_t> ones(kernel.size(), 1), zeros(kernel.size(), 0);
+  const PairGeometry g = check_conv_pairs(k, t, k, k, kernel, stride, ones, zeros, out_size,
+                                          /*full=*/true, PairAct::None);
+  const auto shape = conv_pairs_out_shape(k, out_size, true);
+  at::Tensor kc = k.contiguous();
+  at::Tensor tc = t.has_value() ? t->contiguous() : at::Tensor();
+  at::Tensor k_out = at::empty(shape, k.options());
+  at::Tensor t_out = tc.defined() ? at::empty(shape, k.options()) : at::empty({0}, k.options());
+  const int64_t pairs = g.b1 * g.b2, in_pair = g.in_pair(), out_pair = g.out_pair();
+  const int64_t buf = g.ho * g.w * g.h * g.w;
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "pool_pairs_cpu", [&] {
+    const scalar_t* kin = kc.data_ptr<scalar_t>();
+    const scalar_t* tin = tc.defined() ? tc.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ko = k_out.data_ptr<scalar_t>();
+    scalar_t* to = tc.defined() ? t_out.data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_pair));
+    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> a(buf), b(buf);
+      for (int64_t p = begin; p < end; ++p) {
+        pool_pair(g, kin + p * in_pair, a.data(), b.data(), ko + p * out_pair);
+        if (tin) pool_pair(g, tin + p * in_pair, a.data(), b.data(), to + p * out_pair);
+      }
+    });
+  });
+  return {k_out, t_out};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_ntk, CPU, m) { m.impl("conv_pairs", &conv_pairs_cpu); }
+TORCH_LIBRARY_IMPL(torch_ntk, CPU, m) {
+  m.impl("conv_pairs", &conv_pairs_cpu);
+  m.impl("pool_pairs", &pool_pairs_cpu);
+}
 
 }  // namespace torch_ntk

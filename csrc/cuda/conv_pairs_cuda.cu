@@ -2,6 +2,8 @@
 // pairs; it sums the kh * kw matching window taps of k (and t) straight from global memory
 // (neighbouring threads read neighbouring entries), applies the affine map and the activation,
 // and writes the outputs once.
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -94,8 +96,65 @@ std::tuple<at::Tensor, at::Tensor> conv_pairs_cuda(
   return {k_out, t_out};
 }
 
+// pool_pairs: one thread per output entry of the full layout, the mean over all kh kw kh kw
+// pairs of window offsets.
+template <typename T>
+__global__ void pool_pairs_cuda_kernel(PairGeometry g, const T* __restrict__ k,
+                                       const T* __restrict__ t, T* __restrict__ k_out,
+                                       T* __restrict__ t_out, int64_t total) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const int64_t out_pair = g.out_pair(), in_pair = g.in_pair();
+  const int64_t p = idx / out_pair, e = idx % out_pair;
+  const int64_t v2 = e % g.wo, u2 = (e / g.wo) % g.ho, v1 = (e / (g.wo * g.ho)) % g.wo,
+                u1 = e / (g.wo * g.ho * g.wo);
+  T mk = T(0), mt = T(0);
+  for (int64_t a1 = 0; a1 < g.kh; ++a1)
+    for (int64_t b1 = 0; b1 < g.kw; ++b1)
+      for (int64_t a2 = 0; a2 < g.kh; ++a2)
+        for (int64_t b2 = 0; b2 < g.kw; ++b2) {
+          const int64_t at = (((g.sh * u1 + a1) * g.w + g.sw * v1 + b1) * g.h + g.sh * u2 + a2) *
+                                 g.w + g.sw * v2 + b2;
+          mk += k[p * in_pair + at];
+          if (t) mt += t[p * in_pair + at];
+        }
+  const T inv = T(1) / T(g.kh * g.kw * g.kh * g.kw);
+  k_out[idx] = mk * inv;
+  if (t_out) t_out[idx] = mt * inv;
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_pairs_cuda(const at::Tensor& k,
+                                                   const c10::optional<at::Tensor>& t,
+                                                   at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                   at::IntArrayRef out_size) {
+  const std::vector<int64_t> ones(kernel.size(), 1), zeros(kernel.size(), 0);
+  const PairGeometry g = check_conv_pairs(k, t, k, k, kernel, stride, ones, zeros, out_size,
+                                          /*full=*/true, PairAct::None);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const auto shape = conv_pairs_out_shape(k, out_size, true);
+  at::Tensor kc = k.contiguous();
+  at::Tensor tc = t.has_value() ? t->contiguous() : at::Tensor();
+  at::Tensor k_out = at::empty(shape, k.options());
+  at::Tensor t_out = tc.defined() ? at::empty(shape, k.options()) : at::empty({0}, k.options());
+  const int64_t total = g.b1 * g.b2 * g.out_pair();
+  if (total == 0) return {k_out, t_out};
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "pool_pairs_cuda", [&] {
+    pool_pairs_cuda_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        g, kc.data_ptr<scalar_t>(), tc.defined() ? tc.data_ptr<scalar_t>() : nullptr,
+        k_out.data_ptr<scalar_t>(), tc.defined() ? t_out.data_ptr<scalar_t>() : nullptr, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {k_out, t_out};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_ntk, CUDA, m) { m.impl("conv_pairs", &conv_pairs_cuda); }
+TORCH_LIBRARY_IMPL(torch_ntk, CUDA, m) {
+  m.impl("conv_pairs", &conv_pairs_cuda);
+  m.impl("pool_pairs", &pool_pairs_cuda);
+}
 
 }  // namespace torch_ntk

@@ -15,6 +15,7 @@ from torch_ntk.distributed import fingerprint, store
 from torch_ntk.distributed.comm import Comm
 from torch_ntk.empirical.api import KernelPlan
 from torch_ntk.infinite import analytic as _analytic
+from torch_ntk.infinite import program as _program
 from torch_ntk.infinite import analytic_ntk as _single_analytic_ntk
 
 _EMPIRICAL = "torch_ntk.distributed.empirical_ntk"
@@ -88,7 +89,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     return out[None]
 
 
-def analytic_ntk(x1: Tensor, x2: Tensor | None = None, *, depth: int,
+def analytic_ntk(x1, *args, x2: Tensor | None = None, depth: int | None = None,
                  activation: _analytic.ActivationLike = "relu", w_std: float = 1.0,
                  b_std: float = 0.0, get: Union[str, Sequence[str]] = "ntk",
                  path: str | os.PathLike | None = None,
@@ -100,6 +101,10 @@ def analytic_ntk(x1: Tensor, x2: Tensor | None = None, *, depth: int,
     other devices, smaller where needed to give each rank at least 4 tiles) with
     ``torch_ntk.analytic_ntk``; diagonal tiles of ``x2=None`` use its symmetric path, so the
     kernel is exactly symmetric.
+
+    Like the single-process function it also takes a module built from NTK layers first:
+    ``analytic_ntk(model, x1, x2=None, *, get="ntk", path=None, group=None)`` (ranks compare
+    the module's description, ``repr(model)``, not its weights, which the limit doesn't use).
 
     Args:
         x1 (Tensor[N1, n0]), x2 (Tensor[N2, n0], optional), depth (int), activation (str or
@@ -124,14 +129,37 @@ def analytic_ntk(x1: Tensor, x2: Tensor | None = None, *, depth: int,
     Example:
         >>> k = torch_ntk.distributed.analytic_ntk(x, depth=3, path="theta.npy")
     """
+    model = None
+    if isinstance(x1, nn.Module):
+        if not args or len(args) > 2 or (len(args) == 2 and x2 is not None):
+            raise TypeError("torch_ntk.distributed.analytic_ntk(model, x1, x2=None, *, get, "
+                            "path, group): expected the inputs after the model.")
+        model, x1, x2 = x1, args[0], (args[1] if len(args) == 2 else x2)
+    elif args:
+        if len(args) > 1 or x2 is not None:
+            raise TypeError("torch_ntk.distributed.analytic_ntk(x1, x2=None, *, depth, ...): "
+                            f"got {1 + len(args)} positional inputs.")
+        x2 = args[0]
     comm = Comm(_ANALYTIC, group, _device_of(x1))
-    error, paths, job = None, None, None
+    error, paths, job, name = None, None, None, None
     try:
         fields = _analytic._check_get(get)
-        name, _ = _analytic.resolve_activation(activation, caller="analytic_ntk")
-        _analytic._check_options(depth, w_std, b_std, _analytic.DEFAULT_QUADRATURE_DEGREE, None)
-        _analytic._check_inputs(x1, x2)
-        options = dict(depth=depth, activation=activation, w_std=w_std, b_std=b_std)
+        if model is not None:
+            if depth is not None:
+                raise ValueError("analytic_ntk: depth describes the fully-connected form; with "
+                                 "a module the layers come from the module itself.")
+            x1, x2 = _analytic._check_model_inputs(x1, x2)
+            _program.plan(_program.trace(model), tuple(x1.shape[1:]))
+            options = dict(model=model)
+        else:
+            if depth is None:
+                raise TypeError("analytic_ntk: give depth= for the fully-connected form, or a "
+                                "module first.")
+            name, _ = _analytic.resolve_activation(activation, caller="analytic_ntk")
+            _analytic._check_options(depth, w_std, b_std, _analytic.DEFAULT_QUADRATURE_DEGREE,
+                                     None)
+            _analytic._check_inputs(x1, x2)
+            options = dict(depth=depth, activation=activation, w_std=w_std, b_std=b_std)
         keys = (None,) if isinstance(get, str) else fields
         job = _AnalyticJob(x1, x2, keys, fields, options, comm.world)
         paths = None if path is None else store.field_paths(
@@ -139,12 +167,15 @@ def analytic_ntk(x1: Tensor, x2: Tensor | None = None, *, depth: int,
     except Exception as exc:
         error = exc
     comm.agree(error, "checking the arguments")
-    act = name if name is not None else f"{activation.__module__}.{activation.__qualname__}"
+    if model is not None:
+        described = dict(model=repr(model), get=list(fields), path=_name(path))
+    else:
+        act = name if name is not None else f"{activation.__module__}.{activation.__qualname__}"
+        described = dict(depth=depth, activation=act, w_std=float(w_std), b_std=float(b_std),
+                         get=list(fields), path=_name(path))
     digests = {"x1": fingerprint.tensor_digest(x1),
                "x2": "0" * 64 if x2 is None else fingerprint.tensor_digest(x2),
-               "options": fingerprint.options_digest(dict(
-                   depth=depth, activation=act, w_std=float(w_std), b_std=float(b_std),
-                   get=list(fields), path=_name(path)))}
+               "options": fingerprint.options_digest(described)}
     _check_same(comm, digests, _ANALYTIC)
     out = _run(comm, job, paths, digests, _ANALYTIC)
     if isinstance(get, str):
@@ -203,7 +234,10 @@ class _AnalyticJob:
         a = self.x1[self.rows[i]]
         b = None if self.symmetric and i == j else (self.x1 if self.x2 is None
                                                     else self.x2)[self.cols[j]]
-        k = _single_analytic_ntk(a, b, get=self.names, **self.options)
+        if "model" in self.options:
+            k = _single_analytic_ntk(self.options["model"], a, b, get=self.names)
+        else:
+            k = _single_analytic_ntk(a, b, get=self.names, **self.options)
         tiles = {f: getattr(k, name) for f, name in zip(self.fields, self.names)}
         if outs is not None:
             for f, t in tiles.items():

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch_ntk.infinite.program import Program
 from torch_ntk.infinite.rules.affine import Conv
 from torch_ntk.infinite.rules.base import Orientation, Pair
+from torch_ntk.infinite.rules.pooling import AvgPool
 from torch_ntk.infinite.rules.structure import Input
 from torch_ntk.native import pairs
 
@@ -101,6 +102,14 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
             if j is not None:
                 fused_into[j] = i
                 orients[j] = Orientation(nodes[j].full, nodes[j].shape.spatial, aligned, ntk)
+        elif native and isinstance(rule, AvgPool) and len(rule.kernel) <= 2:
+            x = values[node.inputs[0]]
+            k, t = pairs.pool_pairs(x.nngp, x.ntk, kernel=rule.kernel, stride=rule.stride,
+                                    out_size=node.shape.spatial)
+            if not node.full:
+                full = Orientation(True, node.shape.spatial)
+                k, t = full.diagonal(k), (None if t is None else full.diagonal(t))
+            values[i] = Pair(k, t)
         elif isinstance(rule, Input):
             values[i] = rule.kernel(xa, xb, node.full, aligned)
         else:

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from torch_ntk.infinite.ntkmlp import NTKMLP
 from torch_ntk.infinite.rules import registry
 from torch_ntk.infinite.rules.activations import Activation, ClosedForm
 from torch_ntk.infinite.rules.affine import Conv, Dense
@@ -60,6 +61,15 @@ class Program:
 
 def trace(model: nn.Module) -> Program:
     """The program of ``model``'s forward; ValueError naming what can't be read."""
+    if isinstance(model, NTKMLP) or registry.module_rules(model, "model") is not None:
+        chain = registry.module_rules(model, type(model).__name__)
+        if chain is None:
+            raise ValueError(registry.unsupported(model, "model"))
+        nodes: List[Node] = []
+        at = _append(nodes, Input(), [], "input")
+        for rule in chain:
+            at = _append(nodes, rule, [at], type(model).__name__)
+        return Program(nodes, at)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -110,7 +120,7 @@ def trace(model: nn.Module) -> Program:
             seen_modules[id(module)] = label
             chain = registry.module_rules(module, label)
             if chain is None:
-                raise ValueError(registry.unsupported(module, label))
+                raise ValueError(registry.unsupported(module, fx_node.target))
             operands = [a for a in args if isinstance(a, int)]
             if len(operands) != 1 or len(args) != 1 or fx_node.kwargs:
                 raise ValueError(f"analytic_ntk: the module {label} is called with "
@@ -252,6 +262,6 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
-        if registry.module_rules(m, qualname) is not None:
+        if isinstance(m, NTKMLP) or registry.module_rules(m, qualname) is not None:
             return True
         return type(m).__module__.startswith("torch.nn") or super().is_leaf_module(m, qualname)

@@ -36,6 +36,15 @@ if loader._C is not None:
         shape = tuple(k.shape[:2]) + tuple(out_size) * (2 if full else 1)
         return k.new_empty(shape), (k.new_empty(shape) if ntk else k.new_empty(0))
 
+    @torch.library.register_fake("torch_ntk::pool_pairs")
+    def _pool_pairs_fake(k, t, kernel, stride, out_size):
+        dims = len(kernel)
+        if dims not in (1, 2) or k.dim() != 2 + 2 * dims:
+            raise ValueError(f"pool_pairs: k must be (B1, B2, *S, *S) with 1 or 2 spatial axes, "
+                             f"got {tuple(k.shape)} for {dims}.")
+        shape = tuple(k.shape[:2]) + tuple(out_size) * 2
+        return k.new_empty(shape), (k.new_empty(shape) if t is not None else k.new_empty(0))
+
 
 # Internal helpers
 

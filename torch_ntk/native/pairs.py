@@ -1,6 +1,7 @@
-"""The native step of the infinite-width engine: a convolution of a kernel over pairs of
-positions, fused with the closed-form activation after it (``torch_ntk::conv_pairs``,
-csrc/conv_pairs.h). The pure-torch rules in ``torch_ntk.infinite.rules`` are the reference."""
+"""The native steps of the infinite-width engine: a convolution of a kernel over pairs of
+positions, fused with the closed-form activation after it (``torch_ntk::conv_pairs``), and
+average pooling of the full position-pair layout (``torch_ntk::pool_pairs``), csrc/conv_pairs.h.
+The pure-torch rules in ``torch_ntk.infinite.rules`` are the reference."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -41,3 +42,19 @@ def conv_pairs(k: Tensor, t: Optional[Tensor], s1: Optional[Tensor], s2: Optiona
         list(stride), list(dilation), list(pad), list(out_size), full, ntk, float(w2),
         float(b2), act, float(slope))
     return k_out, (t_out if ntk else None)
+
+
+def pool_pairs(k: Tensor, t: Optional[Tensor], *, kernel: Tuple[int, ...],
+               stride: Tuple[int, ...], out_size: Tuple[int, ...]
+               ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Average pooling of a block's kernels over every pair of window offsets.
+
+    Args:
+        k (Tensor[B1, B2, *S, *S]): the NNGP over position pairs; t: the NTK like k, or None.
+        kernel, stride, out_size: the pooling (no padding).
+    Returns:
+        (K, Θ) of shape (B1, B2, *S_out, *S_out); Θ None when t is None.
+    """
+    k_out, t_out = torch.ops.torch_ntk.pool_pairs(k, t, list(kernel), list(stride),
+                                                  list(out_size))
+    return k_out, (None if t is None else t_out)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from torch_ntk.apps.demo import circle, pca, plots, report
+from torch_ntk.apps.demo import circle, cnn, pca, plots, report
 
 # Defaults per kind of run: widths, seeds, circle points, steps, learning rate. All train for
 # the same time lr · steps = 50 (10 for --quick); smaller steps on a GPU lower the floor set
@@ -65,11 +65,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "to check the set-up; explicit options still override it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
-        "--experiment", choices=["circle", "pca", "all"], default="circle",
+        "--experiment", choices=["circle", "pca", "cnn", "all"], default="circle",
         help="circle: the NTK's convergence and kernel gradient descent on the unit circle; "
              "pca: kernel principal components of handwritten digits and the rate of training "
-             "along the 2nd one (Jacot et al. Fig. 3); all: both, in subfolders circle/ and "
-             "pca/ of --out (default: circle)")
+             "along the 2nd one (Jacot et al. Fig. 3); cnn: a convolutional network's NTK on "
+             "digits against its infinite-width limit as the channels grow, and during "
+             "training (Fig. 1 for a CNN); all: the three, in subfolders circle/, pca/ and "
+             "cnn/ of --out (default: circle)")
     pc, pg, pq = pca.SIZES["cpu"], pca.SIZES["cuda"], pca.SIZES["quick"]
     parser.add_argument(
         "--pca-points", type=int, default=None, metavar="N",
@@ -77,6 +79,21 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
              f"its widths default to {_fmt(pc['widths'])} on CPU, {_fmt(pg['widths'])} on a "
              f"GPU, its steps to {pc['steps']}, its seeds to {pc['seeds']} on CPU and "
              f"{pg['seeds']} on a GPU, its lr to {pca.STEP_FRACTION} · N / λ1")
+    cc, cg, cq = cnn.SIZES["cpu"], cnn.SIZES["cuda"], cnn.SIZES["quick"]
+    parser.add_argument(
+        "--cnn-channels", type=int, nargs="+", default=None, metavar="C",
+        help=f"cnn: channel counts of the convolutions to sweep (default: {_fmt(cc['channels'])} "
+             f"on CPU, {_fmt(cg['channels'])} on a GPU, {_fmt(cq['channels'])} with --quick); "
+             f"--widths, --depth, --b-std and --dtype don't apply to it (its network is fixed, "
+             f"without biases, float64)")
+    parser.add_argument(
+        "--cnn-points", type=int, default=None, metavar="N",
+        help=f"cnn: number of digits the kernels are compared on and the networks trained on "
+             f"(default: {cc['points']}, {cq['points']} with --quick); its seeds default to "
+             f"{cc['seeds']} on CPU and {cg['seeds']} on a GPU ({cq['seeds']} with --quick), of "
+             f"which the first {cc['train_seeds']} (GPU {cg['train_seeds']}) of the narrowest "
+             f"and the widest networks are trained, its steps to {cc['steps']} "
+             f"({cq['steps']} with --quick), its lr to {cnn.STEP_FRACTION} · N · K / λmax")
     return parser
 
 
@@ -103,13 +120,17 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     experiment = getattr(args, "experiment", "circle") or "circle"
     if experiment == "pca":
         return _run_pca(args)
+    if experiment == "cnn":
+        return _run_cnn(args)
     if experiment == "all":
         out = getattr(args, "out", None) or os.path.join(
             "ntk_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         return {"circle": _run_circle(_with(args, out=os.path.join(out, "circle"))),
-                "pca": _run_pca(_with(args, out=os.path.join(out, "pca")))}
+                "pca": _run_pca(_with(args, out=os.path.join(out, "pca"))),
+                "cnn": _run_cnn(_with(args, out=os.path.join(out, "cnn")))}
     if experiment != "circle":
-        raise ValueError(f"demo: --experiment must be circle, pca or all, got {experiment!r}.")
+        raise ValueError(f"demo: --experiment must be circle, pca, cnn or all, got "
+                         f"{experiment!r}.")
     return _run_circle(args)
 
 
@@ -208,6 +229,63 @@ def _resolve_pca_config(args: argparse.Namespace) -> dict[str, Any]:
     })
     if not isinstance(cfg["points"], int) or cfg["points"] < 2:
         raise ValueError(f"demo: --pca-points must be an integer >= 2, got {cfg['points']!r}.")
+    return cfg
+
+
+def _run_cnn(args: argparse.Namespace) -> dict[str, Any]:
+    """The cnn experiment: a CNN's empirical NTK vs its limit over channels, and training."""
+    require_extras("matplotlib", "tqdm", "sklearn")
+    start = time.perf_counter()
+    cfg = _resolve_cnn_config(args)
+    os.makedirs(cfg["out"], exist_ok=True)
+    data = cnn.limit_data(cfg)
+    train = {cfg["channels"][0], cfg["channels"][-1]}
+    # Progress in units of one training step of each network (about C² + 500 · C).
+    cost = {c: c * c + 500 * c for c in cfg["channels"]}
+    jobs = [(c, seed, c in train and seed < cfg["train_seeds"])
+            for c in cfg["channels"] for seed in range(cfg["seeds"])]
+    total = sum(cost[c] * (cnn.NTK_UNITS + (cfg["steps"] + cnn.NTK_UNITS) * t)
+                for c, _, t in jobs)
+    bar = _progress(total, cfg["no_progress"])
+    runs = []
+    try:
+        for c, seed, trained in jobs:
+            bar.set_description(f"cnn: {c} channels seed {seed}{' (trained)' * trained}")
+            runs.append(cnn.run_one(c, seed, cfg, data, trained,
+                                    lambda units, w=cost[c]: bar.update(units * w)))
+    finally:
+        bar.close()
+    results = cnn.summarise(cfg, data, runs)
+    results["plots"] = plots.plot_cnn(cfg, results)
+    results["wall_time_s"] = time.perf_counter() - start
+    with open(os.path.join(cfg["out"], "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(cnn.format_summary(results))
+    print(f"\nwrote {os.path.join(cfg['out'], 'results.json')} and "
+          f"{len(results['plots'])} plots in {results['wall_time_s']:.1f} s")
+    return results
+
+
+def _resolve_cnn_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared options of _resolve_config, with the cnn experiment's own sizes."""
+    base = _resolve_config(args)
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    sizes = cnn.SIZES["quick" if base["quick"] else
+                      ("cuda" if base["device"].startswith("cuda") else "cpu")]
+    cfg = {key: base[key] for key in ("device", "quick", "out", "no_progress")}
+    cfg.update({
+        "channels": sorted(set(get("cnn_channels") or sizes["channels"])),
+        "seeds": get("seeds") or sizes["seeds"],
+        "train_seeds": min(sizes["train_seeds"], get("seeds") or sizes["seeds"]),
+        "steps": get("steps") or sizes["steps"],
+        "lr": get("lr"),
+        "points": get("cnn_points") or sizes["points"],
+    })
+    if any(not isinstance(c, int) or c < 1 for c in cfg["channels"]):
+        raise ValueError(f"demo: --cnn-channels must be positive, got {cfg['channels']}.")
+    if not isinstance(cfg["points"], int) or not 2 <= cfg["points"] <= 1797:
+        raise ValueError(f"demo: --cnn-points must be an integer in [2, 1797], got "
+                         f"{cfg['points']!r}.")
     return cfg
 
 

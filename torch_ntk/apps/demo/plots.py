@@ -121,6 +121,64 @@ def plot_pca(cfg: dict[str, Any], data: dict[str, Any], results: dict[str, Any])
     return paths
 
 
+def plot_cnn(cfg: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """The cnn experiment's two figures (Jacot et al. 2018, Fig. 1, for a CNN); their paths."""
+    from matplotlib.figure import Figure  # Agg canvas, no global backend switch
+
+    paths = []
+    channels = cfg["channels"]
+    per = results["per_channels"]
+    # 1. Log-log: NTK error at init vs channels, seeds, mean ± std, fit and the -1/2 slope.
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for r in results["runs"]:
+        ax.plot(r["channels"], r["init_rel_err"], ".", color="tab:blue", alpha=0.35, ms=5)
+    mean = np.array([e["init_rel_err"]["mean"] for e in per])
+    std = np.array([e["init_rel_err"]["std"] for e in per])
+    gm = [e["init_rel_err"]["geomean"] for e in per]
+    ax.errorbar(channels, mean, yerr=std, fmt="s", color="tab:green", ms=4, capsize=3,
+                label="mean ± std over seeds")
+    ax.plot(channels, gm, "o-", color="tab:blue", ms=4, label="geometric mean over seeds")
+    if "init_rel_err" in results["slopes"]:
+        s = results["slopes"]["init_rel_err"]
+        xs = np.array([channels[0], channels[-1]], dtype=float)
+        ax.plot(xs, np.exp(s["intercept"]) * xs ** s["slope"], color="tab:red", lw=1,
+                label=f"fit: slope {s['slope']:+.2f}")
+        ax.plot(xs, gm[-1] * (xs / channels[-1]) ** -0.5, color="gray", lw=1, ls="--",
+                label="slope −1/2")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="channels C", ylabel="‖Θ0/K − Θ∞‖ / ‖Θ∞‖",
+           title=f"CNN NTK at init vs its limit, {cfg['points']} digits")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, cfg["out"], "cnn_convergence.png"))
+
+    # 2. Θ(x0, x_j) over digits, narrow and wide networks, t = 0 and t = T, with the limit.
+    fig = Figure(figsize=(10, 4.5))
+    ax_img, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 5]})
+    ax_img.imshow(np.asarray(results["x0_image"]), cmap="gray_r")
+    ax_img.set(xticks=[], yticks=[], title=f"x0: a {results['row_labels'][0]}")
+    pos = np.arange(len(results["row_indices"]))
+    trained = sorted({r["channels"] for r in results["runs"] if r["trained"]})
+    palette = ("tab:orange", "tab:green", "tab:purple", "tab:red")
+    for k, c in enumerate(trained):  # the narrowest orange, the widest blue (as ntk_circle)
+        color = "tab:blue" if k and k == len(trained) - 1 else palette[k % len(palette)]
+        for i, r in enumerate(r for r in results["runs"] if r["channels"] == c and r["trained"]):
+            ax.plot(pos, r["ntk_row_x0_t0"], "o-", color=color, lw=0.9, ms=3, alpha=0.8,
+                    label=f"{c} channels, init" if i == 0 else None)
+            ax.plot(pos, r["ntk_row_x0_T"], "^--", color=color, lw=0.9, ms=3, alpha=0.8,
+                    label=f"{c} channels, after {cfg['steps']} steps" if i == 0 else None)
+    ax.plot(pos, results["limit"]["ntk_row_x0"], "k-", lw=2, label="limit Θ∞")
+    ax.set_xticks(pos, ["x0"] + [str(v) for v in results["row_labels"][1:]])
+    ax.set(xlabel="digit x_j (its label), ordered by Θ∞(x0, x_j)", ylabel="Θ(x0, x_j)",
+           title="CNN NTK of one digit against others")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, cfg["out"], "cnn_kernel_row.png"))
+    return paths
+
+
 def _loglog_panel(ax, cfg, runs, results, metric: str) -> None:
     widths = cfg["widths"]
     for r in runs:

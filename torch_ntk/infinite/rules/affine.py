@@ -23,13 +23,14 @@ from torch_ntk.infinite.rules.base import Orientation, Pair, Rule, Shape
 
 class Dense(Rule):
     """A fully-connected NTK layer on features (or on a flattened map); ``in_features`` None
-    takes any width."""
+    takes any width (the ``depth=`` MLP, whose widths are immaterial)."""
 
     name = "dense"
 
-    def __init__(self, in_features: Optional[int], w_std: float, b_std: float,
-                 label: str) -> None:
-        self.in_features, self.w2, self.b2, self.label = in_features, w_std ** 2, b_std ** 2, label
+    def __init__(self, in_features: Optional[int], w_std: float, b_std: float, label: str,
+                 out_features: Optional[int] = None) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.w2, self.b2, self.label = w_std ** 2, b_std ** 2, label
 
     def shape(self, inputs: Sequence[Shape]) -> Shape:
         (x,) = inputs
@@ -41,7 +42,7 @@ class Dense(Rule):
         if self.in_features is not None and features != self.in_features:
             raise ValueError(f"{self.label} expects {self.in_features} input features, the "
                              f"network gives it {features}.")
-        return Shape(channels=0)
+        return Shape(channels=self.out_features or 0)
 
     def input_full(self, out_full: bool, index: int) -> bool:
         return False

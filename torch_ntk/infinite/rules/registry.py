@@ -54,7 +54,8 @@ def module_rules(module: nn.Module, label: str) -> Optional[List[Rule]]:
     """The rules of a leaf module, ``None`` if unsupported (``unsupported`` says why)."""
     if type(module) is NTKLinear or (isinstance(module, NTKLinear)
                                      and type(module).forward is NTKLinear.forward):
-        return [Dense(module.in_features, module.w_std, module.b_std, label)]
+        return [Dense(module.in_features, module.w_std, module.b_std, label,
+                      module.out_features)]
     if isinstance(module, _NTKConvNd) and type(module).forward is _NTKConvNd.forward:
         return [Conv(module, label)]
     if isinstance(module, NTKMLP) and type(module).forward is NTKMLP.forward:
@@ -64,7 +65,8 @@ def module_rules(module: nn.Module, label: str) -> Optional[List[Rule]]:
         for i, layer in enumerate(module.layers):
             if i:
                 rules.append(activation_rule(module.activation, f"{label}.activation"))
-            rules.append(Dense(layer.in_features, layer.w_std, layer.b_std, f"{label}.layers.{i}"))
+            rules.append(Dense(layer.in_features, layer.w_std, layer.b_std,
+                               f"{label}.layers.{i}", layer.out_features))
         return rules
     if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU,
                            nn.Softplus, Erf)):
@@ -93,8 +95,8 @@ def module_rules(module: nn.Module, label: str) -> Optional[List[Rule]]:
     return None
 
 
-def unsupported(module: nn.Module, label: str) -> str:
-    """The error message for a module ``module_rules`` does not read."""
+def unsupported(module: nn.Module, name: str) -> str:
+    """The error message for the module at ``name`` that ``module_rules`` does not read."""
     kind = type(module).__name__
     why = ""
     if isinstance(module, NTKMLP):
@@ -108,7 +110,7 @@ def unsupported(module: nn.Module, label: str) -> str:
     elif type(module) is nn.Flatten:
         why = " (only start_dim=1, end_dim=-1)"
     hint = _HINTS.get(type(module), _MONTE_CARLO)
-    return (f"analytic_ntk: the module {label} ({kind}{why}) has no infinite-width rule; "
+    return (f"analytic_ntk: the module {name} ({kind}{why}) has no infinite-width rule; "
             f"{hint}. Supported: {SUPPORTED}.")
 
 

@@ -99,22 +99,13 @@ def test_matches_neural_tangents(spec, native):
     data, i = np.load(DATA), spec["index"]
     model = build(spec["layers"], spec["input_shape"])
     x1, x2 = (torch.from_numpy(data[f"{n}_{i}"]) for n in ("x1", "x2"))
-    closed = all(layer[0] not in ("gelu", "tanh") for layer in _flat(spec["layers"]))
-    tol = 1e-8 if closed else 1e-6
+    tol = 1e-12   # the contract asks 1e-8; measured at most 3e-15 (GELU by the Hermite series)
     with _native(native):
         sym = torch_ntk.analytic_ntk(model, x1, get=("nngp", "ntk"))
         cross = torch_ntk.analytic_ntk(model, x1, x2, get=("nngp", "ntk"))
     for got, name in ((sym.nngp, "nngp_sym"), (sym.ntk, "ntk_sym"), (cross.nngp, "nngp"),
                       (cross.ntk, "ntk")):
         assert _rel(got, torch.from_numpy(data[f"{name}_{i}"])) < tol, name
-
-
-def _flat(layers):
-    for layer in layers:
-        if layer[0] == "residual":
-            yield from _flat(layer[1])
-        else:
-            yield layer
 
 
 class _native:

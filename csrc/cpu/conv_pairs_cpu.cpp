@@ -51,7 +51,7 @@ struct Args {
 
 // Stage 1 of the full layout: sum over the height offsets, (h, w, h, w) -> (ho, w, ho, w).
 template <typename T>
-void height_pass_full(const PairGeometry& g, const T* in, T* tmp) {
+__attribute__((always_inline)) inline void height_pass_full(const PairGeometry& g, const T* in, T* tmp) {
   const int64_t w = g.w, h = g.h, ho = g.ho;
   std::fill(tmp, tmp + ho * w * ho * w, T(0));
   for (int64_t u1 = 0; u1 < ho; ++u1)
@@ -82,7 +82,7 @@ struct WidthTaps {
 // Stage 2 of the full layout for one side-1 position (u1, v1): the sum over the width
 // offsets of its block (u2, v2) of ho * wo entries (sums; finish divides by the window).
 template <typename T>
-void width_block_full(const PairGeometry& g, const WidthTaps& taps, const T* tmp, int64_t u1,
+__attribute__((always_inline)) inline void width_block_full(const PairGeometry& g, const WidthTaps& taps, const T* tmp, int64_t u1,
                       int64_t v1, T* block) {
   const int64_t w = g.w, ho = g.ho, wo = g.wo;
   std::fill(block, block + ho * wo, T(0));
@@ -104,7 +104,7 @@ void width_block_full(const PairGeometry& g, const WidthTaps& taps, const T* tmp
 
 // The diagonal layout of one pair: (h, w) -> (ho, wo), both axes through `tmp` (ho, w).
 template <typename T>
-void window_diag(const PairGeometry& g, const WidthTaps& taps, const T* in, T* tmp, T* out) {
+__attribute__((always_inline)) inline void window_diag(const PairGeometry& g, const WidthTaps& taps, const T* in, T* tmp, T* out) {
   const int64_t w = g.w, h = g.h, ho = g.ho, wo = g.wo;
   std::fill(tmp, tmp + ho * w, T(0));
   for (int64_t u = 0; u < ho; ++u)
@@ -196,14 +196,6 @@ inline void asin_scalar(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = std::asin(x[i]);
 }
 
-template <bool kScalarA, typename T>
-void finish_default(const Args<T>& a, const T* mk, const T* mt, T sa_c, T ia_c, const T* sa,
-                    const T* ia, const T* sb, const T* ib, int64_t n, T* ko, T* to,
-                    RowScratch<T>& r) {
-  finish_impl<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r,
-                        [](const T* x, T* y, int64_t m) { asin_scalar(x, y, m); });
-}
-
 #ifdef TORCH_NTK_X86
 __attribute__((target("avx2,fma"))) void asin_avx2(const double* x, double* y, int64_t n) {
   int64_t i = 0;
@@ -214,14 +206,6 @@ __attribute__((target("avx2,fma"))) void asin_avx2(const float* x, float* y, int
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, Sleef_asinf8_u10avx2(_mm256_loadu_ps(x + i)));
   for (; i < n; ++i) y[i] = std::asin(x[i]);
-}
-template <bool kScalarA, typename T>
-__attribute__((target("avx2,fma"))) void finish_avx2(const Args<T>& a, const T* mk, const T* mt,
-                                                      T sa_c, T ia_c, const T* sa, const T* ia,
-                                                      const T* sb, const T* ib, int64_t n, T* ko,
-                                                      T* to, RowScratch<T>& r) {
-  finish_impl<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r,
-                        [](const T* x, T* y, int64_t m) { asin_avx2(x, y, m); });
 }
 #endif
 
@@ -236,17 +220,6 @@ inline bool use_avx2() {
 #endif
 }
 
-template <bool kScalarA, typename T>
-inline void finish(const Args<T>& a, const T* mk, const T* mt, T sa_c, T ia_c, const T* sa,
-                   const T* ia, const T* sb, const T* ib, int64_t n, T* ko, T* to,
-                   RowScratch<T>& r) {
-#ifdef TORCH_NTK_X86
-  if (use_avx2())
-    return finish_avx2<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r);
-#endif
-  finish_default<kScalarA>(a, mk, mt, sa_c, ia_c, sa, ia, sb, ib, n, ko, to, r);
-}
-
 // 1 / s, and 0 for s = 0.
 template <typename T>
 std::vector<T> inverses(const T* s, int64_t n) {
@@ -255,54 +228,95 @@ std::vector<T> inverses(const T* s, int64_t n) {
   return out;
 }
 
+// Per-thread buffers of conv_pairs.
+template <typename T>
+struct PairScratch {
+  std::vector<T> tmp_k, tmp_t, row_k, row_t;
+  RowScratch<T> rows;
+  PairScratch(const PairGeometry& g, bool with_t)
+      : tmp_k(g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w),
+        tmp_t(with_t ? tmp_k.size() : 0),
+        row_k(g.ho * g.wo),
+        row_t(g.ho * g.wo),
+        rows(g.ho * g.wo) {}
+};
+
+// Pairs [begin, end) of a call; `asin_fn` as in finish_impl. Inlined into the builds below.
+template <typename T, typename AsinFn>
+__attribute__((always_inline)) inline void run_pairs_impl(const Args<T>& a, const WidthTaps& taps,
+                                                          const T* inv1, const T* inv2,
+                                                          int64_t begin, int64_t end,
+                                                          PairScratch<T>& sc, AsinFn asin_fn) {
+  const PairGeometry& g = a.g;
+  const int64_t in_pair = g.in_pair(), out_pair = g.out_pair(), po = g.ho * g.wo;
+  const bool with_sides = a.act != PairAct::None;
+  const T* none = nullptr;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t i1 = p / g.b2, i2 = p % g.b2;
+    const T* kin = a.k + p * in_pair;
+    const T* tin = a.t ? a.t + p * in_pair : nullptr;
+    T* ko = a.k_out + p * out_pair;
+    T* to = a.t_out ? a.t_out + p * out_pair : nullptr;
+    const T* sa = with_sides ? a.s1 + i1 * po : nullptr;
+    const T* sb = with_sides ? a.s2 + i2 * po : nullptr;
+    const T* ia = with_sides ? inv1 + i1 * po : nullptr;
+    const T* ib = with_sides ? inv2 + i2 * po : nullptr;
+    T* mt = tin ? sc.row_t.data() : nullptr;
+    if (!g.full) {
+      window_diag(g, taps, kin, sc.tmp_k.data(), sc.row_k.data());
+      if (tin) window_diag(g, taps, tin, sc.tmp_t.data(), mt);
+      finish_impl<false>(a, sc.row_k.data(), mt, T(0), T(0), sa, ia, sb, ib, po, ko, to,
+                         sc.rows, asin_fn);
+      continue;
+    }
+    height_pass_full(g, kin, sc.tmp_k.data());
+    if (tin) height_pass_full(g, tin, sc.tmp_t.data());
+    // One block per side-1 position (u1, v1): its po entries (u2, v2) share sa and read
+    // side 2's deviations in order.
+    for (int64_t u1 = 0; u1 < g.ho; ++u1)
+      for (int64_t v1 = 0; v1 < g.wo; ++v1) {
+        width_block_full(g, taps, sc.tmp_k.data(), u1, v1, sc.row_k.data());
+        if (tin) width_block_full(g, taps, sc.tmp_t.data(), u1, v1, mt);
+        const int64_t e1 = u1 * g.wo + v1, at = e1 * po;
+        finish_impl<true>(a, sc.row_k.data(), mt, sa ? sa[e1] : T(0), ia ? ia[e1] : T(0), none,
+                          none, sb, ib, po, ko + at, to ? to + at : nullptr, sc.rows, asin_fn);
+      }
+  }
+}
+
+template <typename T>
+void run_pairs_default(const Args<T>& a, const WidthTaps& taps, const T* inv1, const T* inv2,
+                       int64_t begin, int64_t end, PairScratch<T>& sc) {
+  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc,
+                 [](const T* x, T* y, int64_t m) { asin_scalar(x, y, m); });
+}
+
+#ifdef TORCH_NTK_X86
+template <typename T>
+__attribute__((target("avx2,fma"))) void run_pairs_avx2(const Args<T>& a, const WidthTaps& taps,
+                                                         const T* inv1, const T* inv2,
+                                                         int64_t begin, int64_t end,
+                                                         PairScratch<T>& sc) {
+  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc,
+                 [](const T* x, T* y, int64_t m) { asin_avx2(x, y, m); });
+}
+#endif
+
 template <typename T>
 void conv_pairs_kernel(const Args<T>& a) {
   const PairGeometry& g = a.g;
-  const int64_t pairs = g.b1 * g.b2, in_pair = g.in_pair(), out_pair = g.out_pair();
-  const int64_t po = g.ho * g.wo;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_pair));
+  const int64_t pairs = g.b1 * g.b2, po = g.ho * g.wo;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.out_pair()));
   const bool with_sides = a.act != PairAct::None;
   const WidthTaps taps(g);
   const std::vector<T> inv1 = with_sides ? inverses(a.s1, g.b1 * po) : std::vector<T>();
   const std::vector<T> inv2 = with_sides ? inverses(a.s2, g.b2 * po) : std::vector<T>();
   at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-    const int64_t tmp_size = g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w;
-    std::vector<T> tmp_k(tmp_size), tmp_t(a.t ? tmp_size : 0);
-    std::vector<T> row_k(po), row_t(po);
-    RowScratch<T> scratch(po);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t i1 = p / g.b2, i2 = p % g.b2;
-      const T* kin = a.k + p * in_pair;
-      const T* tin = a.t ? a.t + p * in_pair : nullptr;
-      T* ko = a.k_out + p * out_pair;
-      T* to = a.t_out ? a.t_out + p * out_pair : nullptr;
-      const T* sa = with_sides ? a.s1 + i1 * po : nullptr;
-      const T* sb = with_sides ? a.s2 + i2 * po : nullptr;
-      const T* ia = with_sides ? inv1.data() + i1 * po : nullptr;
-      const T* ib = with_sides ? inv2.data() + i2 * po : nullptr;
-      if (!g.full) {
-        window_diag(g, taps, kin, tmp_k.data(), row_k.data());
-        if (tin) window_diag(g, taps, tin, tmp_t.data(), row_t.data());
-        finish<false>(a, row_k.data(), tin ? row_t.data() : nullptr, T(0), T(0), sa, ia, sb, ib,
-                      po, ko, to, scratch);
-        continue;
-      }
-      height_pass_full(g, kin, tmp_k.data());
-      if (tin) height_pass_full(g, tin, tmp_t.data());
-      // One block per side-1 position (u1, v1): its po entries (u2, v2) share sa and read
-      // side 2's deviations in order.
-      for (int64_t u1 = 0; u1 < g.ho; ++u1)
-        for (int64_t v1 = 0; v1 < g.wo; ++v1) {
-          width_block_full(g, taps, tmp_k.data(), u1, v1, row_k.data());
-          if (tin) width_block_full(g, taps, tmp_t.data(), u1, v1, row_t.data());
-          const int64_t at = (u1 * g.wo + v1) * po;
-          const int64_t e1 = u1 * g.wo + v1;
-          finish<true>(a, row_k.data(), tin ? row_t.data() : nullptr, sa ? sa[e1] : T(0),
-                       ia ? ia[e1] : T(0), static_cast<const T*>(nullptr),
-                       static_cast<const T*>(nullptr), sb, ib, po, ko + at,
-                       to ? to + at : nullptr, scratch);
-        }
-    }
+    PairScratch<T> sc(g, a.t != nullptr);
+#ifdef TORCH_NTK_X86
+    if (use_avx2()) return run_pairs_avx2(a, taps, inv1.data(), inv2.data(), begin, end, sc);
+#endif
+    run_pairs_default(a, taps, inv1.data(), inv2.data(), begin, end, sc);
   });
 }
 

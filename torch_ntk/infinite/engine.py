@@ -85,7 +85,7 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
             last_use[j] = i
     values: Dict[int, Pair] = {}
     orients: Dict[int, Orientation] = {}
-    native = not aligned and pairs.available(xa)
+    native = pairs.available(xa)   # the self pass (aligned) runs activations in torch
     fused_into: Dict[int, int] = {}
     for i, node in enumerate(nodes):
         orient = Orientation(node.full, node.shape.spatial, aligned, ntk)
@@ -94,7 +94,7 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
         if i in fused_into:    # computed with its convolution
             continue
         if native and isinstance(rule, Conv):
-            j = program.fusions.get(i)
+            j = None if aligned else program.fusions.get(i)
             act = None if j is None else nodes[j].rule
             entry = (None, None) if j is None else (_rows(act, sides_a[j]), _rows(act, sides_b[j]))
             values[j if j is not None else i] = _native_conv(

@@ -1,2 +1,2 @@
 """``python -m torch_ntk demo``: the experiments of Jacot et al. §6 (``cli``, ``circle``,
-``plots``, ``report``)."""
+``pca``, ``cnn``, ``plots``, ``report``)."""

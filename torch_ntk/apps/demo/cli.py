@@ -104,7 +104,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     output) is trained by full-batch gradient descent on 4 points of the unit circle, and
     at t = 0 and t = T its empirical NTK and outputs on G points of the circle are compared
     with the analytic NTK Θ∞ and with ``predict.gradient_descent_mse`` (kernel gradient
-    descent) started from the network's own initial outputs.
+    descent) started from the network's own initial outputs. ``--experiment pca`` and
+    ``--experiment cnn`` run the experiments of ``pca`` and ``cnn`` instead (``all``: the
+    three, each in its subfolder of ``--out``; the result is then a dict of their results).
 
     Args:
         args (argparse.Namespace): parsed options of ``add_demo_arguments`` (``widths``,

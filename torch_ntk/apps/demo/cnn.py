@@ -60,6 +60,7 @@ STEP_FRACTION = 0.5   # lr · λ_max(Θ∞) / (N · K); discrete steps are stabl
 # convolutions on 8×8 maps count 64² position pairs), which is ~2.5× slower on a CPU at C = 256
 # and needs more memory; the layer-factorised kernel is the same (both are checked exact).
 NTK_METHOD = "structured"
+NTK_UNITS = 30        # progress units of one empirical NTK, relative to one training step
 ARCHITECTURES = {
     "gap": "conv3-relu ×2, avgpool 2, conv3-relu, global average pool, dense",
     "flatten": "conv3-relu ×2, flatten, dense",
@@ -170,9 +171,6 @@ def run_one(channels: int, seed: int, cfg: dict[str, Any], data: dict[str, Any],
     del model
     return result
 
-
-# Progress units of one empirical NTK, relative to one training step of the same network.
-NTK_UNITS = 30
 
 
 def summarise(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict]) -> dict[str, Any]:

@@ -154,26 +154,31 @@ def plot_cnn(cfg: dict[str, Any], results: dict[str, Any]) -> list[str]:
     fig.tight_layout()
     paths.append(_save(fig, cfg["out"], "cnn_convergence.png"))
 
-    # 2. Θ(x0, x_j) over digits, narrow and wide networks, t = 0 and t = T, with the limit.
-    fig = Figure(figsize=(10, 4.5))
-    ax_img, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 5]})
+    # 2. Θ(x0, x_j) over digits at t = 0 and t = T with the limit: the narrowest trained
+    # network on the left, the widest on the right (each its own scale), as ntk_circle.png.
+    trained = sorted({r["channels"] for r in results["runs"] if r["trained"]})
+    panels = [trained[0], trained[-1]] if len(trained) >= 2 else trained
+    fig = Figure(figsize=(4 + 5 * len(panels), 4.5))
+    axes = fig.subplots(1, 1 + len(panels),
+                        gridspec_kw={"width_ratios": [1.2] + [5] * len(panels)})
+    ax_img, axes = axes[0], axes[1:]
     ax_img.imshow(np.asarray(results["x0_image"]), cmap="gray_r")
     ax_img.set(xticks=[], yticks=[], title=f"x0: a {results['row_labels'][0]}")
     pos = np.arange(len(results["row_indices"]))
-    trained = sorted({r["channels"] for r in results["runs"] if r["trained"]})
-    palette = ("tab:orange", "tab:green", "tab:purple", "tab:red")
-    for k, c in enumerate(trained):  # the narrowest orange, the widest blue (as ntk_circle)
-        color = "tab:blue" if k and k == len(trained) - 1 else palette[k % len(palette)]
+    ticks = ["x0"] + [str(v) for v in results["row_labels"][1:]]
+    for ax, c, color in zip(axes, panels, ("tab:orange", "tab:blue")):
         for i, r in enumerate(r for r in results["runs"] if r["channels"] == c and r["trained"]):
             ax.plot(pos, r["ntk_row_x0_t0"], "o-", color=color, lw=0.9, ms=3, alpha=0.8,
-                    label=f"{c} channels, init" if i == 0 else None)
+                    label="init" if i == 0 else None)
             ax.plot(pos, r["ntk_row_x0_T"], "^--", color=color, lw=0.9, ms=3, alpha=0.8,
-                    label=f"{c} channels, after {cfg['steps']} steps" if i == 0 else None)
-    ax.plot(pos, results["limit"]["ntk_row_x0"], "k-", lw=2, label="limit Θ∞")
-    ax.set_xticks(pos, ["x0"] + [str(v) for v in results["row_labels"][1:]])
-    ax.set(xlabel="digit x_j (its label), ordered by Θ∞(x0, x_j)", ylabel="Θ(x0, x_j)",
-           title="CNN NTK of one digit against others")
-    ax.legend(fontsize=7)
+                    label=f"after {cfg['steps']} steps" if i == 0 else None)
+        ax.plot(pos, results["limit"]["ntk_row_x0"], "k-", lw=2, label="limit Θ∞")
+        ax.set_xticks(pos, ticks, fontsize=8)
+        drift = next(e for e in per if e["channels"] == c)["drift"]["mean"]
+        ax.set(xlabel="digit x_j (its label), ordered by Θ∞(x0, x_j)",
+               title=f"{c} channels: the kernel moved {drift:.1%}")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("Θ(x0, x_j)")
     fig.tight_layout()
     paths.append(_save(fig, cfg["out"], "cnn_kernel_row.png"))
     return paths

@@ -99,13 +99,18 @@ def test_matches_neural_tangents(spec, native):
     data, i = np.load(DATA), spec["index"]
     model = build(spec["layers"], spec["input_shape"])
     x1, x2 = (torch.from_numpy(data[f"{n}_{i}"]) for n in ("x1", "x2"))
-    tol = 1e-12   # the contract asks 1e-8; measured at most 3e-15 (GELU by the Hermite series)
+    # Measured: at most 3e-15 off the diagonal (GELU too, by the Hermite series). On the
+    # diagonal of x2=None neural-tangents' E[φ'φ'] at correlation 1 carries O(sqrt(eps))
+    # rounding (0.74999999 for 0.75); the library snaps correlations within 8 ulps of ±1.
     with _native(native):
         sym = torch_ntk.analytic_ntk(model, x1, get=("nngp", "ntk"))
         cross = torch_ntk.analytic_ntk(model, x1, x2, get=("nngp", "ntk"))
     for got, name in ((sym.nngp, "nngp_sym"), (sym.ntk, "ntk_sym"), (cross.nngp, "nngp"),
                       (cross.ntk, "ntk")):
-        assert _rel(got, torch.from_numpy(data[f"{name}_{i}"])) < tol, name
+        ref = torch.from_numpy(data[f"{name}_{i}"])
+        off = ~torch.eye(*ref.shape, dtype=torch.bool) if name.endswith("sym") else ...
+        assert _rel(got[off], ref[off]) < 1e-12, name
+        assert _rel(got, ref) < 1e-8, name
 
 
 class _native:

@@ -80,7 +80,8 @@ def _native_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     openmp = _openmp_flags(cxx)
-    args = {"cxx": opt + openmp}
+    # -fno-math-errno lets sqrt vectorise (no kernel reads errno).
+    args = {"cxx": opt + openmp + ["-fno-math-errno"]}
     macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))

@@ -5,7 +5,6 @@
 // the compiler vectorises. On x86-64 CPUs with AVX2 the rows run in an AVX2 build of those loops
 // with SLEEF's vector asin (1-ulp, the one ATen's own asin uses, found in libtorch at run time);
 // elsewhere in the default build with std::asin.
-#pragma GCC optimize("no-math-errno")  // lets sqrt vectorise; inputs are never negative here
 
 #include <algorithm>
 #include <cmath>
@@ -49,20 +48,26 @@ struct Args {
   PairAct act;
 };
 
+// The kernel works on chunks of up to Q pairs at once, interleaved: entry e of pair q of the
+// chunk is at e * Q + q, so every inner loop runs over a whole row of positions times the
+// chunk's pairs (a few dozen contiguous values even for 8x8 maps) and vectorises.
+
 // Stage 1 of the full layout: sum over the height offsets, (h, w, h, w) -> (ho, w, ho, w).
 template <typename T>
-__attribute__((always_inline)) inline void height_pass_full(const PairGeometry& g, const T* in, T* tmp) {
-  const int64_t w = g.w, h = g.h, ho = g.ho;
-  std::fill(tmp, tmp + ho * w * ho * w, T(0));
+__attribute__((always_inline)) inline void height_pass_full(const PairGeometry& g,
+                                                            const T* __restrict__ in,
+                                                            T* __restrict__ tmp, int64_t q) {
+  const int64_t w = g.w, h = g.h, ho = g.ho, row = w * q;
+  std::fill(tmp, tmp + ho * w * ho * w * q, T(0));
   for (int64_t u1 = 0; u1 < ho; ++u1)
     for (int64_t u2 = 0; u2 < ho; ++u2)
       for (int64_t j = 0; j < g.kh; ++j) {
         const int64_t h1 = g.sh * u1 + g.dh * j - g.ph, h2 = g.sh * u2 + g.dh * j - g.ph;
         if (h1 < 0 || h1 >= h || h2 < 0 || h2 >= h) continue;
         for (int64_t w1 = 0; w1 < w; ++w1) {
-          const T* src = in + ((h1 * w + w1) * h + h2) * w;
-          T* dst = tmp + ((u1 * w + w1) * ho + u2) * w;
-          for (int64_t w2 = 0; w2 < w; ++w2) dst[w2] += src[w2];
+          const T* __restrict__ src = in + ((h1 * w + w1) * h + h2) * row;
+          T* __restrict__ dst = tmp + ((u1 * w + w1) * ho + u2) * row;
+          for (int64_t i = 0; i < row; ++i) dst[i] += src[i];
         }
       }
 }
@@ -79,46 +84,61 @@ struct WidthTaps {
   }
 };
 
-// Stage 2 of the full layout for one side-1 position (u1, v1): the sum over the width
-// offsets of its block (u2, v2) of ho * wo entries (sums; finish divides by the window).
+// Sums over the width offsets of `lines` rows of `src` (w columns) into `dst` (wo columns),
+// q interleaved pairs per column.
 template <typename T>
-__attribute__((always_inline)) inline void width_block_full(const PairGeometry& g, const WidthTaps& taps, const T* tmp, int64_t u1,
-                      int64_t v1, T* block) {
+__attribute__((always_inline)) inline void width_taps(const PairGeometry& g,
+                                                      const WidthTaps& taps,
+                                                      const T* __restrict__ src, int64_t stride,
+                                                      T* __restrict__ dst, int64_t j,
+                                                      int64_t q) {
+  const int64_t lo = taps.lo[j], hi = taps.hi[j], off = taps.off[j];
+  const T* __restrict__ s = src + off * q;
+  if (g.sw == 1) {
+    for (int64_t i = lo * q; i < hi * q; ++i) dst[i] += s[i];
+  } else {
+    for (int64_t v = lo; v < hi; ++v)
+      for (int64_t r = 0; r < q; ++r) dst[v * q + r] += s[g.sw * v * q + r];
+  }
+  (void)stride;
+}
+
+// Stage 2 of the full layout for one side-1 position (u1, v1): the sums over the width
+// offsets of its block (u2, v2) of ho * wo entries.
+template <typename T>
+__attribute__((always_inline)) inline void width_block_full(const PairGeometry& g,
+                                                            const WidthTaps& taps,
+                                                            const T* __restrict__ tmp,
+                                                            int64_t u1, int64_t v1,
+                                                            T* __restrict__ block, int64_t q) {
   const int64_t w = g.w, ho = g.ho, wo = g.wo;
-  std::fill(block, block + ho * wo, T(0));
+  std::fill(block, block + ho * wo * q, T(0));
   for (int64_t j = 0; j < g.kw; ++j) {
     const int64_t w1 = g.sw * v1 + taps.off[j];
     if (w1 < 0 || w1 >= w) continue;
-    const int64_t lo = taps.lo[j], hi = taps.hi[j], off = taps.off[j];
-    for (int64_t u2 = 0; u2 < ho; ++u2) {
-      const T* src = tmp + ((u1 * w + w1) * ho + u2) * w + off;
-      T* dst = block + u2 * wo;
-      if (g.sw == 1) {
-        for (int64_t v2 = lo; v2 < hi; ++v2) dst[v2] += src[v2];
-      } else {
-        for (int64_t v2 = lo; v2 < hi; ++v2) dst[v2] += src[g.sw * v2];
-      }
-    }
+    for (int64_t u2 = 0; u2 < ho; ++u2)
+      width_taps(g, taps, tmp + ((u1 * w + w1) * ho + u2) * w * q, 0, block + u2 * wo * q, j, q);
   }
 }
 
-// The diagonal layout of one pair: (h, w) -> (ho, wo), both axes through `tmp` (ho, w).
+// The diagonal layout: (h, w) -> (ho, wo), both axes through `tmp` (ho, w).
 template <typename T>
-__attribute__((always_inline)) inline void window_diag(const PairGeometry& g, const WidthTaps& taps, const T* in, T* tmp, T* out) {
-  const int64_t w = g.w, h = g.h, ho = g.ho, wo = g.wo;
-  std::fill(tmp, tmp + ho * w, T(0));
+__attribute__((always_inline)) inline void window_diag(const PairGeometry& g,
+                                                       const WidthTaps& taps,
+                                                       const T* __restrict__ in,
+                                                       T* __restrict__ tmp, T* __restrict__ out,
+                                                       int64_t q) {
+  const int64_t w = g.w, h = g.h, ho = g.ho, wo = g.wo, row = w * q;
+  std::fill(tmp, tmp + ho * row, T(0));
   for (int64_t u = 0; u < ho; ++u)
     for (int64_t j = 0; j < g.kh; ++j) {
       const int64_t hh = g.sh * u + g.dh * j - g.ph;
       if (hh < 0 || hh >= h) continue;
-      for (int64_t x = 0; x < w; ++x) tmp[u * w + x] += in[hh * w + x];
+      for (int64_t i = 0; i < row; ++i) tmp[u * row + i] += in[hh * row + i];
     }
-  std::fill(out, out + ho * wo, T(0));
-  for (int64_t j = 0; j < g.kw; ++j) {
-    const int64_t off = taps.off[j], lo = taps.lo[j], hi = taps.hi[j];
-    for (int64_t u = 0; u < ho; ++u)
-      for (int64_t v = lo; v < hi; ++v) out[u * wo + v] += tmp[u * w + g.sw * v + off];
-  }
+  std::fill(out, out + ho * wo * q, T(0));
+  for (int64_t j = 0; j < g.kw; ++j)
+    for (int64_t u = 0; u < ho; ++u) width_taps(g, taps, tmp + u * row, 0, out + u * wo * q, j, q);
 }
 
 // Per-thread buffers of one block of entries.
@@ -128,12 +148,12 @@ struct RowScratch {
   explicit RowScratch(int64_t n) : kk(n), tt(n), rho(n), as(n) {}
 };
 
-// One block of n entries: the window sums mk (and mt) -> outputs ko (and to). Side 1's
-// deviation and its inverse are sa[i], ia[i], or the constants sa_c, ia_c when kScalarA; side
-// 2's are sb[i], ib[i]. `asin_fn(x, y, n)` fills y = asin(x).
-template <bool kScalarA, typename T, typename AsinFn>
+// One block of n entries: the window sums mk (and mt) -> outputs ko (and to); sa, ia (side
+// 1's deviation and its inverse) and sb, ib (side 2's) per entry. `asin_fn(x, y, n)` fills
+// y = asin(x). The operation order follows torch_ntk/infinite/rules/activations.py.
+template <typename T, typename AsinFn>
 __attribute__((always_inline)) inline void finish_impl(
-    const Args<T>& a, const T* __restrict__ mk, const T* __restrict__ mt, T sa_c, T ia_c,
+    const Args<T>& a, const T* __restrict__ mk, const T* __restrict__ mt,
     const T* __restrict__ sa, const T* __restrict__ ia, const T* __restrict__ sb,
     const T* __restrict__ ib, int64_t n, T* __restrict__ ko, T* __restrict__ to,
     RowScratch<T>& r, AsinFn asin_fn) {
@@ -142,7 +162,7 @@ __attribute__((always_inline)) inline void finish_impl(
   T* __restrict__ tt = r.tt.data();
   T* __restrict__ rho = r.rho.data();
   T* __restrict__ as = r.as.data();
-  const T wk = a.w2 / T(a.g.kh * a.g.kw), b2 = a.b2, w2 = a.w2, near = a.near;
+  const T wk = a.w2 / T(a.g.kh * a.g.kw), b2 = a.b2, near = a.near;
   T* kdst = a.act == PairAct::None ? ko : kk;
   for (int64_t i = 0; i < n; ++i) kdst[i] = wk * mk[i] + b2;
   T* tdst = a.act == PairAct::None ? to : tt;
@@ -151,12 +171,10 @@ __attribute__((always_inline)) inline void finish_impl(
   } else if (tdst) {
     for (int64_t i = 0; i < n; ++i) tdst[i] = kdst[i];
   }
-  (void)w2;
   if (a.act == PairAct::None) return;
   if (a.act == PairAct::Erf) {
     for (int64_t i = 0; i < n; ++i) {
-      const T s1 = kScalarA ? sa_c : sa[i];
-      const T q = (T(1) + T(2) * s1 * s1) * (T(1) + T(2) * sb[i] * sb[i]);
+      const T q = (T(1) + T(2) * sa[i] * sa[i]) * (T(1) + T(2) * sb[i] * sb[i]);
       const T x = kk[i] * (T(2) * (T(1) / std::sqrt(q)));
       rho[i] = x > T(1) ? T(1) : (x < T(-1) ? T(-1) : x);
       as[i] = q;  // kept for the derivative
@@ -169,7 +187,7 @@ __attribute__((always_inline)) inline void finish_impl(
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
-    T x = kk[i] * (kScalarA ? ia_c : ia[i]) * ib[i];
+    T x = kk[i] * ia[i] * ib[i];
     x = x > T(1) ? T(1) : (x < T(-1) ? T(-1) : x);
     x = x >= near ? T(1) : x;
     rho[i] = x <= -near ? T(-1) : x;
@@ -181,8 +199,7 @@ __attribute__((always_inline)) inline void finish_impl(
   constexpr T inv2pi = T(1) / (T(2) * kPi);
   for (int64_t i = 0; i < n; ++i) {
     const T pm = as[i] + kPi / T(2);
-    const T k = (std::sqrt(T(1) - rho[i] * rho[i]) + rho[i] * pm) *
-                ((kScalarA ? sa_c : sa[i]) * inv2pi) * sb[i];
+    const T k = (std::sqrt(T(1) - rho[i] * rho[i]) + rho[i] * pm) * (sa[i] * inv2pi) * sb[i];
     ko[i] = k * lw + slope * kk[i];
   }
   if (to)
@@ -228,66 +245,108 @@ std::vector<T> inverses(const T* s, int64_t n) {
   return out;
 }
 
-// Per-thread buffers of conv_pairs.
+// Per-thread buffers of conv_pairs for chunks of up to q pairs.
 template <typename T>
 struct PairScratch {
-  std::vector<T> tmp_k, tmp_t, row_k, row_t;
+  std::vector<T> in_k, in_t, tmp_k, tmp_t, out_k, out_t, block_k, block_t, sa, ia, sb, ib, sa_row,
+      ia_row;
   RowScratch<T> rows;
-  PairScratch(const PairGeometry& g, bool with_t)
-      : tmp_k(g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w),
+  PairScratch(const PairGeometry& g, bool with_t, int64_t q)
+      : in_k(g.in_pair() * q),
+        in_t(with_t ? g.in_pair() * q : 0),
+        tmp_k((g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w) * q),
         tmp_t(with_t ? tmp_k.size() : 0),
-        row_k(g.ho * g.wo),
-        row_t(g.ho * g.wo),
-        rows(g.ho * g.wo) {}
+        out_k(g.out_pair() * q),
+        out_t(g.out_pair() * q),
+        block_k(g.ho * g.wo * q),
+        block_t(g.ho * g.wo * q),
+        sa(g.ho * g.wo * q),
+        ia(g.ho * g.wo * q),
+        sb(g.ho * g.wo * q),
+        ib(g.ho * g.wo * q),
+        sa_row(g.ho * g.wo * q),
+        ia_row(g.ho * g.wo * q),
+        rows(g.ho * g.wo * q) {}
 };
 
-// Pairs [begin, end) of a call; `asin_fn` as in finish_impl. Inlined into the builds below.
+// The pairs [p0, p0 + q) of a call, interleaved; `asin_fn` as in finish_impl.
 template <typename T, typename AsinFn>
-__attribute__((always_inline)) inline void run_pairs_impl(const Args<T>& a, const WidthTaps& taps,
+__attribute__((always_inline)) inline void run_chunk_impl(const Args<T>& a, const WidthTaps& taps,
                                                           const T* inv1, const T* inv2,
-                                                          int64_t begin, int64_t end,
+                                                          int64_t p0, int64_t q,
                                                           PairScratch<T>& sc, AsinFn asin_fn) {
   const PairGeometry& g = a.g;
   const int64_t in_pair = g.in_pair(), out_pair = g.out_pair(), po = g.ho * g.wo;
   const bool with_sides = a.act != PairAct::None;
-  const T* none = nullptr;
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t i1 = p / g.b2, i2 = p % g.b2;
-    const T* kin = a.k + p * in_pair;
-    const T* tin = a.t ? a.t + p * in_pair : nullptr;
-    T* ko = a.k_out + p * out_pair;
-    T* to = a.t_out ? a.t_out + p * out_pair : nullptr;
-    const T* sa = with_sides ? a.s1 + i1 * po : nullptr;
-    const T* sb = with_sides ? a.s2 + i2 * po : nullptr;
-    const T* ia = with_sides ? inv1 + i1 * po : nullptr;
-    const T* ib = with_sides ? inv2 + i2 * po : nullptr;
-    T* mt = tin ? sc.row_t.data() : nullptr;
-    if (!g.full) {
-      window_diag(g, taps, kin, sc.tmp_k.data(), sc.row_k.data());
-      if (tin) window_diag(g, taps, tin, sc.tmp_t.data(), mt);
-      finish_impl<false>(a, sc.row_k.data(), mt, T(0), T(0), sa, ia, sb, ib, po, ko, to,
-                         sc.rows, asin_fn);
-      continue;
-    }
-    height_pass_full(g, kin, sc.tmp_k.data());
-    if (tin) height_pass_full(g, tin, sc.tmp_t.data());
-    // One block per side-1 position (u1, v1): its po entries (u2, v2) share sa and read
-    // side 2's deviations in order.
+  const bool with_t = a.t != nullptr, ntk = a.t_out != nullptr;
+  for (int64_t e = 0; e < in_pair; ++e)
+    for (int64_t r = 0; r < q; ++r) sc.in_k[e * q + r] = a.k[(p0 + r) * in_pair + e];
+  if (with_t)
+    for (int64_t e = 0; e < in_pair; ++e)
+      for (int64_t r = 0; r < q; ++r) sc.in_t[e * q + r] = a.t[(p0 + r) * in_pair + e];
+  if (with_sides)
+    for (int64_t e = 0; e < po; ++e)
+      for (int64_t r = 0; r < q; ++r) {
+        const int64_t i1 = (p0 + r) / g.b2, i2 = (p0 + r) % g.b2;
+        sc.sa[e * q + r] = a.s1[i1 * po + e];
+        sc.ia[e * q + r] = inv1[i1 * po + e];
+        sc.sb[e * q + r] = a.s2[i2 * po + e];
+        sc.ib[e * q + r] = inv2[i2 * po + e];
+      }
+  T* mt = with_t ? sc.block_t.data() : nullptr;
+  T* ot = ntk ? sc.out_t.data() : nullptr;
+  if (!g.full) {
+    window_diag(g, taps, sc.in_k.data(), sc.tmp_k.data(), sc.block_k.data(), q);
+    if (with_t) window_diag(g, taps, sc.in_t.data(), sc.tmp_t.data(), mt, q);
+    finish_impl(a, sc.block_k.data(), mt, sc.sa.data(), sc.ia.data(), sc.sb.data(),
+                sc.ib.data(), po * q, sc.out_k.data(), ot, sc.rows, asin_fn);
+  } else {
+    height_pass_full(g, sc.in_k.data(), sc.tmp_k.data(), q);
+    if (with_t) height_pass_full(g, sc.in_t.data(), sc.tmp_t.data(), q);
+    // One block per side-1 position (u1, v1): its entries (u2, v2) share that position's
+    // deviation, read side 2's in order.
     for (int64_t u1 = 0; u1 < g.ho; ++u1)
       for (int64_t v1 = 0; v1 < g.wo; ++v1) {
-        width_block_full(g, taps, sc.tmp_k.data(), u1, v1, sc.row_k.data());
-        if (tin) width_block_full(g, taps, sc.tmp_t.data(), u1, v1, mt);
-        const int64_t e1 = u1 * g.wo + v1, at = e1 * po;
-        finish_impl<true>(a, sc.row_k.data(), mt, sa ? sa[e1] : T(0), ia ? ia[e1] : T(0), none,
-                          none, sb, ib, po, ko + at, to ? to + at : nullptr, sc.rows, asin_fn);
+        const int64_t e1 = u1 * g.wo + v1;
+        width_block_full(g, taps, sc.tmp_k.data(), u1, v1, sc.block_k.data(), q);
+        if (with_t) width_block_full(g, taps, sc.tmp_t.data(), u1, v1, mt, q);
+        if (with_sides)
+          for (int64_t e2 = 0; e2 < po; ++e2)
+            for (int64_t r = 0; r < q; ++r) {
+              sc.sa_row[e2 * q + r] = sc.sa[e1 * q + r];
+              sc.ia_row[e2 * q + r] = sc.ia[e1 * q + r];
+            }
+        finish_impl(a, sc.block_k.data(), mt, sc.sa_row.data(), sc.ia_row.data(),
+                    sc.sb.data(), sc.ib.data(), po * q, sc.out_k.data() + e1 * po * q,
+                    ntk ? ot + e1 * po * q : nullptr, sc.rows, asin_fn);
       }
   }
+  // Back to one pair after the other: read the chunk in order, write q streams.
+  T* ko = a.k_out + p0 * out_pair;
+  for (int64_t e = 0; e < out_pair; ++e)
+    for (int64_t r = 0; r < q; ++r) ko[r * out_pair + e] = sc.out_k[e * q + r];
+  if (ntk) {
+    T* to = a.t_out + p0 * out_pair;
+    for (int64_t e = 0; e < out_pair; ++e)
+      for (int64_t r = 0; r < q; ++r) to[r * out_pair + e] = ot[e * q + r];
+  }
+}
+
+// Pairs [begin, end) in chunks of up to `chunk`.
+template <typename T, typename AsinFn>
+__attribute__((always_inline)) inline void run_pairs_impl(const Args<T>& a, const WidthTaps& taps,
+                                                          const T* inv1, const T* inv2,
+                                                          int64_t begin, int64_t end,
+                                                          PairScratch<T>& sc, int64_t chunk,
+                                                          AsinFn asin_fn) {
+  for (int64_t p0 = begin; p0 < end; p0 += chunk)
+    run_chunk_impl(a, taps, inv1, inv2, p0, std::min(chunk, end - p0), sc, asin_fn);
 }
 
 template <typename T>
 void run_pairs_default(const Args<T>& a, const WidthTaps& taps, const T* inv1, const T* inv2,
-                       int64_t begin, int64_t end, PairScratch<T>& sc) {
-  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc,
+                       int64_t begin, int64_t end, PairScratch<T>& sc, int64_t chunk) {
+  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc, chunk,
                  [](const T* x, T* y, int64_t m) { asin_scalar(x, y, m); });
 }
 
@@ -296,8 +355,8 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void run_pairs_avx2(const Args<T>& a, const WidthTaps& taps,
                                                          const T* inv1, const T* inv2,
                                                          int64_t begin, int64_t end,
-                                                         PairScratch<T>& sc) {
-  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc,
+                                                         PairScratch<T>& sc, int64_t chunk) {
+  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc, chunk,
                  [](const T* x, T* y, int64_t m) { asin_avx2(x, y, m); });
 }
 #endif
@@ -311,12 +370,17 @@ void conv_pairs_kernel(const Args<T>& a) {
   const WidthTaps taps(g);
   const std::vector<T> inv1 = with_sides ? inverses(a.s1, g.b1 * po) : std::vector<T>();
   const std::vector<T> inv2 = with_sides ? inverses(a.s2, g.b2 * po) : std::vector<T>();
-  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-    PairScratch<T> sc(g, a.t != nullptr);
+  // Chunks of pairs whose buffers stay within about 2 MB.
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min<int64_t>(8, (1 << 15) / std::max<int64_t>(1, g.in_pair())));
+  at::parallel_for(0, pairs, std::max(grain, chunk), [&](int64_t begin, int64_t end) {
+    PairScratch<T> sc(g, a.t != nullptr, std::min(chunk, end - begin));
+    const int64_t q = std::min(chunk, end - begin);
 #ifdef TORCH_NTK_X86
-    if (use_avx2()) return run_pairs_avx2(a, taps, inv1.data(), inv2.data(), begin, end, sc);
+    if (use_avx2())
+      return run_pairs_avx2(a, taps, inv1.data(), inv2.data(), begin, end, sc, q);
 #endif
-    run_pairs_default(a, taps, inv1.data(), inv2.data(), begin, end, sc);
+    run_pairs_default(a, taps, inv1.data(), inv2.data(), begin, end, sc, q);
   });
 }
 

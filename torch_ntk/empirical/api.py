@@ -149,6 +149,7 @@ class KernelPlan:
 
     def __exit__(self, *exc) -> None:
         self._state.restore()
+        self._cache = None   # it holds a bound method of the plan: no cycle keeps the model alive
 
     def tiles(self) -> list[tuple[int, int]]:
         """Tile indices ``(i, j)`` in computing order (``j >= i`` only when symmetric)."""

@@ -64,7 +64,8 @@ NTK_UNITS = 30        # progress units of one empirical NTK, relative to one tra
 ARCHITECTURES = {
     "gap": "conv3-relu ×2, avgpool 2, conv3-relu, global average pool, dense",
     "flatten": "conv3-relu ×2, flatten, dense",
-    "myrtle": "conv3-relu ×2, avgpool 2, conv3-relu, avgpool 2, global average pool, dense",
+    "myrtle": "conv3-relu ×2, avgpool 2, conv3-relu, avgpool 2, conv3-relu, global average "
+              "pool, dense",
 }
 
 
@@ -74,9 +75,11 @@ def build(arch: str, channels: int, outputs: int = OUTPUTS, *, dtype=torch.float
 
     Args:
         arch (str): ``"gap"`` (the experiment's network), ``"flatten"`` (no pooling: the
-            last feature map is flattened into the dense layer) or ``"myrtle"`` (a second
-            average pooling before the global one, after Shankar et al. 2020's Myrtle
-            networks); see ``ARCHITECTURES``.
+            last feature map is flattened into the dense layer) or ``"myrtle"`` (after
+            Shankar et al. 2020's Myrtle networks: every average pooling followed by a
+            conv-relu, so a second pooling and a conv-relu on the 2×2 map before the global
+            one; a pooling right before the global one would change nothing, the mean of
+            window means being the global mean); see ``ARCHITECTURES``.
         channels (int): channels C of every convolution.
         outputs (int): outputs K of the dense layer.
         dtype, device: of the parameters.
@@ -95,7 +98,8 @@ def build(arch: str, channels: int, outputs: int = OUTPUTS, *, dtype=torch.float
         layers = body + [nn.Flatten(), dense(channels * 64)]
     elif arch == "myrtle":
         layers = body + [nn.AvgPool2d(2), conv(channels), nn.ReLU(), nn.AvgPool2d(2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), dense(channels)]
+                         conv(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         dense(channels)]
     else:
         raise ValueError(f"cnn.build: arch must be one of {', '.join(ARCHITECTURES)}, "
                          f"got {arch!r}.")

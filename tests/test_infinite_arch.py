@@ -458,3 +458,28 @@ def test_cuda_matches_cpu(name):
     ref = torch_ntk.analytic_ntk(model, x, get=("nngp", "ntk"))
     got = torch_ntk.analytic_ntk(model, x.cuda(), get=("nngp", "ntk"))
     assert _rel(got.ntk.cpu(), ref.ntk) < 1e-12 and _rel(got.nngp.cpu(), ref.nngp) < 1e-12
+
+
+def test_values_read_again_after_a_pass_through_are_not_overwritten():
+    """z feeds dropout -> fc2 and, later, the sum: fc2 must not reuse z's tensors."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch_ntk.NTKLinear(3, 4, w_std=1.0)
+            self.drop = nn.Dropout(0.0)
+            self.fc2 = torch_ntk.NTKLinear(4, 4, w_std=1.3, b_std=0.2)
+            self.out = torch_ntk.NTKLinear(4, 1, w_std=1.0)
+
+        def forward(self, x):
+            z = self.fc1(x)
+            return self.out(torch.relu(self.fc2(self.drop(z)) + z))
+
+    class Plain(Net):
+        def forward(self, x):
+            z = self.fc1(x)
+            return self.out(torch.relu(self.fc2(z) + z))
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    a = torch_ntk.analytic_ntk(Net(), x, get=("nngp", "ntk"))
+    b = torch_ntk.analytic_ntk(Plain(), x, get=("nngp", "ntk"))
+    assert torch.equal(a.ntk, b.ntk) and torch.equal(a.nngp, b.nngp)

@@ -114,6 +114,10 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
             values[i] = rule.kernel(xa, xb, node.full, aligned)
         else:
             ins = [values[j] for j in node.inputs]
+            for j, x in zip(node.inputs, ins):   # the last reader may overwrite a value
+                x.owned = (last_use[j] == i and j != program.output
+                           and node.inputs.count(j) == 1
+                           and not any(v.nngp is x.nngp for m, v in values.items() if m != j))
             in_orients = [orients[j] for j in node.inputs]
             side1 = side2 = None
             if rule.uses_variance:
@@ -136,6 +140,8 @@ def _native_conv(rule: Conv, x: Pair, orient_in: Orientation, orient: Orientatio
     """A Conv node (and the closed-form activation after it) through the native core."""
     m = rule.module
     kind = "none" if act is None else act.kind
+    s1 = None if s1 is None else s1[0]     # ClosedForm sides: (deviation, its inverse)
+    s2 = None if s2 is None else s2[0]
     k, t = pairs.conv_pairs(
         x.nngp, x.ntk, s1, s2, kernel=m.kernel_size, stride=m.stride, dilation=m.dilation,
         pad=tuple(lo for lo, _ in rule.pads), out_size=orient.spatial, full=orient.full,

@@ -44,13 +44,15 @@ class Activation(Rule):
     def apply(self, inputs, orients, out, side1=None, side2=None) -> Pair:
         (x,) = inputs
         k, dot = self.pair(x.nngp, out, side1, side1 if out.aligned else side2,
-                           need_dot=out.ntk and x.ntk is not None)
-        if not out.ntk:
+                           need_dot=out.ntk and x.ntk is not None, owned=x.owned)
+        if not out.ntk or x.ntk is None:
             return Pair(k, None)
-        return Pair(k, None if x.ntk is None else dot.mul_(x.ntk))
+        return Pair(k, x.ntk.mul_(dot) if x.owned else dot.mul_(x.ntk))
 
-    def pair(self, c: Tensor, orient: Orientation, side1, side2, *, need_dot: bool
-             ) -> Tuple[Tensor, Optional[Tensor]]:
+    def pair(self, c: Tensor, orient: Orientation, side1, side2, *, need_dot: bool,
+             owned: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """(E[φφ'], E[φ'φ'] or None) of the pair covariances ``c``; ``owned``: c may be
+        overwritten."""
         raise NotImplementedError
 
 
@@ -62,11 +64,13 @@ class ClosedForm(Activation):
         self.name = kind
         self.odd = kind in ("erf", "identity") or (kind == "leaky_relu" and slope == 1.0)
 
-    def prepare(self, variance: Tensor) -> Tensor:
-        return variance.clamp_min(0).sqrt()
+    def prepare(self, variance: Tensor) -> Tuple[Tensor, Tensor]:
+        """Each input's standard deviation per position and its inverse (0 for 0)."""
+        sigma = variance.clamp_min(0).sqrt()
+        return sigma, torch.where(sigma > 0, 1 / sigma, torch.zeros_like(sigma))
 
-    def pair(self, c, orient, side1, side2, *, need_dot):
-        s1, s2 = orient.left(side1), orient.right(side2)
+    def pair(self, c, orient, side1, side2, *, need_dot, owned=False):
+        s1, s2 = orient.left(side1[0]), orient.right(side2[0])
         if self.kind == "identity":
             return c.clone(), (torch.ones_like(c) if need_dot else None)
         if self.kind == "erf":
@@ -78,9 +82,9 @@ class ClosedForm(Activation):
                 dot = torch.mul(c, c).mul_(-4).add_(a).rsqrt_().mul_(4 / math.pi)
             k = torch.mul(c, 2 * a.rsqrt()).clamp_(-1.0, 1.0).asin_().mul_(2 / math.pi)
             return k, dot
-        inv1 = torch.where(s1 > 0, 1 / s1, torch.zeros_like(s1))
-        inv2 = torch.where(s2 > 0, 1 / s2, torch.zeros_like(s2))
-        rho = torch.mul(c, inv1).mul_(inv2).clamp_(-1.0, 1.0)
+        inv1, inv2 = orient.left(side1[1]), orient.right(side2[1])
+        keep_c = self.kind == "leaky_relu" or not owned
+        rho = (torch.mul(c, inv1) if keep_c else c.mul_(inv1)).mul_(inv2).clamp_(-1.0, 1.0)
         # Correlations within 8 ulps of ±1 (rounding noise for duplicated or opposite inputs)
         # become exactly ±1: E[φ'φ'] would turn that noise into O(sqrt(eps)) errors.
         near = 1 - 8 * torch.finfo(rho.dtype).eps
@@ -93,7 +97,7 @@ class ClosedForm(Activation):
         pm = torch.asin(rho).add_(math.pi / 2)
         k = torch.addcmul(torch.ones((), dtype=rho.dtype, device=rho.device), rho, rho,
                           value=-1.0).sqrt_()
-        k.addcmul_(rho, pm).mul_(s1 * (1 / (2 * math.pi))).mul_(s2)
+        k.addcmul_(rho, pm).mul_(s1).mul_(s2).mul_(1 / (2 * math.pi))
         dot = pm.mul_(1 / (2 * math.pi)) if need_dot else None
         if self.kind == "leaky_relu":
             # φ = α u + (1 - α) relu(u): E[φφ'] = α c + (1-α)² E[relu relu'],
@@ -146,7 +150,7 @@ class Hermite(Activation):
         coef_d = (grads * sqrt_w).mm(basis_t).reshape(shape).to(variance.dtype)
         return sigma, coef, coef_d
 
-    def pair(self, c, orient, side1, side2, *, need_dot):
+    def pair(self, c, orient, side1, side2, *, need_dot, owned=False):
         (s1, a1, d1), (s2, a2, d2) = side1, side2
         v1, v2 = orient.left(s1), orient.right(s2)
         inv1 = torch.where(v1 > 0, 1 / v1, torch.zeros_like(v1))

@@ -54,7 +54,7 @@ class Dense(Rule):
             dims = tuple(range(2, 2 + len(o.spatial)))
             k = o.diagonal(k).mean(dims)
             t = None if t is None else o.diagonal(t).mean(dims)
-        return _affine(k, t, self.w2, self.b2, out.ntk)
+        return _affine(k, t, self.w2, self.b2, out.ntk, owned=x.owned and not o.spatial)
 
 
 class Conv(Rule):
@@ -135,13 +135,18 @@ def window_mean(v: Tensor, orient: Orientation, kernel: Tuple[int, ...],
     return v
 
 
-def _affine(k: Tensor, t, w2: float, b2: float, ntk: bool) -> Pair:
+def _affine(k: Tensor, t, w2: float, b2: float, ntk: bool, owned: bool = False) -> Pair:
     """``K' = w² K + b²``, ``Θ' = w² Θ + K'`` (Θ ``None`` is zero; not computed without
-    ``ntk``)."""
-    k = k * w2
+    ``ntk``); ``owned``: k and t may be overwritten."""
+    k = k.mul_(w2) if owned else k * w2
     if b2:
-        k = k + b2
+        k.add_(b2)
     if not ntk:
         return Pair(k, None)
-    t = k.clone() if t is None else torch.add(k, t, alpha=w2)
+    if t is None:
+        t = k.clone()
+    elif owned:
+        t = t.mul_(w2).add_(k)
+    else:
+        t = torch.add(k, t, alpha=w2)
     return Pair(k, t)

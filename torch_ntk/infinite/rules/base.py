@@ -42,11 +42,13 @@ class Shape:
 class Pair:
     """The NNGP ``nngp`` and NTK ``ntk`` of a node for a block of input pairs.
 
-    ``ntk`` is ``None`` when it is zero (the input) or not asked for.
+    ``ntk`` is ``None`` when it is zero (the input) or not asked for. ``owned``: the engine
+    hands this value to its last reader, which may overwrite its tensors.
     """
 
     nngp: Tensor
     ntk: Optional[Tensor]
+    owned: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,15 +160,15 @@ def test_demo_pca_quick_run(tmp_path, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_all_runs_both_experiments(tmp_path):
+def test_demo_all_runs_every_experiment(tmp_path):
     parser = cli.add_demo_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--experiment", "all", "--quick", "--widths", "16", "--steps",
                               "3", "--seeds", "1", "--circle-points", "4", "--pca-points", "24",
                               "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
     results = cli.run_demo(args)
-    assert set(results) == {"circle", "pca"}
-    assert (tmp_path / "circle" / "results.json").exists()
-    assert (tmp_path / "pca" / "results.json").exists()
+    assert set(results) == {"circle", "pca", "cnn"}
+    for name in ("circle", "pca", "cnn"):
+        assert (tmp_path / name / "results.json").exists()
     with pytest.raises(ValueError, match="--pca-points must lie in"):
         cli.run_demo(parser.parse_args(["--experiment", "pca", "--quick", "--pca-points", "5000",
                                         "--out", str(tmp_path / "bad")]))

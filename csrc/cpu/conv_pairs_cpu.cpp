@@ -245,6 +245,114 @@ std::vector<T> inverses(const T* s, int64_t n) {
   return out;
 }
 
+// dst[e * q + r] = src[r * stride + e] for r < q, e < n: q pairs' arrays -> interleaved.
+template <typename T>
+inline void interleave_scalar(const T* src, int64_t stride, int64_t q, int64_t n, T* dst) {
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t r = 0; r < q; ++r) dst[e * q + r] = src[r * stride + e];
+}
+
+// dst[r * stride + e] = src[e * q + r]: interleaved -> one pair after the other.
+template <typename T>
+inline void deinterleave_scalar(const T* src, int64_t q, int64_t n, T* dst, int64_t stride) {
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t r = 0; r < q; ++r) dst[r * stride + e] = src[e * q + r];
+}
+
+#ifdef TORCH_NTK_X86
+// The 4 x 4 transpose of doubles in four registers.
+__attribute__((target("avx2,fma"), always_inline)) inline void transpose4(__m256d& a, __m256d& b,
+                                                                         __m256d& c,
+                                                                         __m256d& d) {
+  const __m256d t0 = _mm256_unpacklo_pd(a, b), t1 = _mm256_unpackhi_pd(a, b);
+  const __m256d t2 = _mm256_unpacklo_pd(c, d), t3 = _mm256_unpackhi_pd(c, d);
+  a = _mm256_permute2f128_pd(t0, t2, 0x20);
+  b = _mm256_permute2f128_pd(t1, t3, 0x20);
+  c = _mm256_permute2f128_pd(t0, t2, 0x31);
+  d = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
+// interleave_scalar for doubles, in 4 x 4 blocks when q is a multiple of 4.
+__attribute__((target("avx2,fma"))) void interleave_avx2(const double* src, int64_t stride,
+                                                          int64_t q, int64_t n, double* dst) {
+  if (q % 4) return interleave_scalar(src, stride, q, n, dst);
+  const int64_t n4 = n - n % 4;
+  for (int64_t r = 0; r < q; r += 4)
+    for (int64_t e = 0; e < n4; e += 4) {
+      __m256d a = _mm256_loadu_pd(src + r * stride + e);
+      __m256d b = _mm256_loadu_pd(src + (r + 1) * stride + e);
+      __m256d c = _mm256_loadu_pd(src + (r + 2) * stride + e);
+      __m256d d = _mm256_loadu_pd(src + (r + 3) * stride + e);
+      transpose4(a, b, c, d);
+      _mm256_storeu_pd(dst + e * q + r, a);
+      _mm256_storeu_pd(dst + (e + 1) * q + r, b);
+      _mm256_storeu_pd(dst + (e + 2) * q + r, c);
+      _mm256_storeu_pd(dst + (e + 3) * q + r, d);
+    }
+  for (int64_t e = n4; e < n; ++e)
+    for (int64_t r = 0; r < q; ++r) dst[e * q + r] = src[r * stride + e];
+}
+
+__attribute__((target("avx2,fma"))) void deinterleave_avx2(const double* src, int64_t q,
+                                                            int64_t n, double* dst,
+                                                            int64_t stride) {
+  if (q % 4) return deinterleave_scalar(src, q, n, dst, stride);
+  const int64_t n4 = n - n % 4;
+  for (int64_t r = 0; r < q; r += 4)
+    for (int64_t e = 0; e < n4; e += 4) {
+      __m256d a = _mm256_loadu_pd(src + e * q + r);
+      __m256d b = _mm256_loadu_pd(src + (e + 1) * q + r);
+      __m256d c = _mm256_loadu_pd(src + (e + 2) * q + r);
+      __m256d d = _mm256_loadu_pd(src + (e + 3) * q + r);
+      transpose4(a, b, c, d);
+      _mm256_storeu_pd(dst + r * stride + e, a);
+      _mm256_storeu_pd(dst + (r + 1) * stride + e, b);
+      _mm256_storeu_pd(dst + (r + 2) * stride + e, c);
+      _mm256_storeu_pd(dst + (r + 3) * stride + e, d);
+    }
+  for (int64_t e = n4; e < n; ++e)
+    for (int64_t r = 0; r < q; ++r) dst[r * stride + e] = src[e * q + r];
+}
+__attribute__((target("avx2,fma"))) void interleave_avx2(const float* src, int64_t stride,
+                                                          int64_t q, int64_t n, float* dst) {
+  interleave_scalar(src, stride, q, n, dst);
+}
+__attribute__((target("avx2,fma"))) void deinterleave_avx2(const float* src, int64_t q,
+                                                            int64_t n, float* dst,
+                                                            int64_t stride) {
+  deinterleave_scalar(src, q, n, dst, stride);
+}
+#endif
+
+// The primitive loops each build of the kernel uses: asin and the two transposes.
+struct DefaultOps {
+  template <typename T>
+  static void asin(const T* x, T* y, int64_t n) { asin_scalar(x, y, n); }
+  template <typename T>
+  static void interleave(const T* src, int64_t stride, int64_t q, int64_t n, T* dst) {
+    interleave_scalar(src, stride, q, n, dst);
+  }
+  template <typename T>
+  static void deinterleave(const T* src, int64_t q, int64_t n, T* dst, int64_t stride) {
+    deinterleave_scalar(src, q, n, dst, stride);
+  }
+};
+
+#ifdef TORCH_NTK_X86
+struct Avx2Ops {
+  template <typename T>
+  static void asin(const T* x, T* y, int64_t n) { asin_avx2(x, y, n); }
+  template <typename T>
+  static void interleave(const T* src, int64_t stride, int64_t q, int64_t n, T* dst) {
+    interleave_avx2(src, stride, q, n, dst);
+  }
+  template <typename T>
+  static void deinterleave(const T* src, int64_t q, int64_t n, T* dst, int64_t stride) {
+    deinterleave_avx2(src, q, n, dst, stride);
+  }
+};
+#endif
+
 // Per-thread buffers of conv_pairs for chunks of up to q pairs.
 template <typename T>
 struct PairScratch {
@@ -269,21 +377,19 @@ struct PairScratch {
         rows(g.ho * g.wo * q) {}
 };
 
-// The pairs [p0, p0 + q) of a call, interleaved; `asin_fn` as in finish_impl.
-template <typename T, typename AsinFn>
+// The pairs [p0, p0 + q) of a call, interleaved; Ops: DefaultOps or Avx2Ops.
+template <typename Ops, typename T>
 __attribute__((always_inline)) inline void run_chunk_impl(const Args<T>& a, const WidthTaps& taps,
                                                           const T* inv1, const T* inv2,
                                                           int64_t p0, int64_t q,
-                                                          PairScratch<T>& sc, AsinFn asin_fn) {
+                                                          PairScratch<T>& sc) {
+  auto asin_fn = [](const T* x, T* y, int64_t m) { Ops::asin(x, y, m); };
   const PairGeometry& g = a.g;
   const int64_t in_pair = g.in_pair(), out_pair = g.out_pair(), po = g.ho * g.wo;
   const bool with_sides = a.act != PairAct::None;
   const bool with_t = a.t != nullptr, ntk = a.t_out != nullptr;
-  for (int64_t e = 0; e < in_pair; ++e)
-    for (int64_t r = 0; r < q; ++r) sc.in_k[e * q + r] = a.k[(p0 + r) * in_pair + e];
-  if (with_t)
-    for (int64_t e = 0; e < in_pair; ++e)
-      for (int64_t r = 0; r < q; ++r) sc.in_t[e * q + r] = a.t[(p0 + r) * in_pair + e];
+  Ops::interleave(a.k + p0 * in_pair, in_pair, q, in_pair, sc.in_k.data());
+  if (with_t) Ops::interleave(a.t + p0 * in_pair, in_pair, q, in_pair, sc.in_t.data());
   if (with_sides)
     for (int64_t e = 0; e < po; ++e)
       for (int64_t r = 0; r < q; ++r) {
@@ -322,32 +428,24 @@ __attribute__((always_inline)) inline void run_chunk_impl(const Args<T>& a, cons
       }
   }
   // Back to one pair after the other: read the chunk in order, write q streams.
-  T* ko = a.k_out + p0 * out_pair;
-  for (int64_t e = 0; e < out_pair; ++e)
-    for (int64_t r = 0; r < q; ++r) ko[r * out_pair + e] = sc.out_k[e * q + r];
-  if (ntk) {
-    T* to = a.t_out + p0 * out_pair;
-    for (int64_t e = 0; e < out_pair; ++e)
-      for (int64_t r = 0; r < q; ++r) to[r * out_pair + e] = ot[e * q + r];
-  }
+  Ops::deinterleave(sc.out_k.data(), q, out_pair, a.k_out + p0 * out_pair, out_pair);
+  if (ntk) Ops::deinterleave(ot, q, out_pair, a.t_out + p0 * out_pair, out_pair);
 }
 
 // Pairs [begin, end) in chunks of up to `chunk`.
-template <typename T, typename AsinFn>
+template <typename Ops, typename T>
 __attribute__((always_inline)) inline void run_pairs_impl(const Args<T>& a, const WidthTaps& taps,
                                                           const T* inv1, const T* inv2,
                                                           int64_t begin, int64_t end,
-                                                          PairScratch<T>& sc, int64_t chunk,
-                                                          AsinFn asin_fn) {
+                                                          PairScratch<T>& sc, int64_t chunk) {
   for (int64_t p0 = begin; p0 < end; p0 += chunk)
-    run_chunk_impl(a, taps, inv1, inv2, p0, std::min(chunk, end - p0), sc, asin_fn);
+    run_chunk_impl<Ops>(a, taps, inv1, inv2, p0, std::min(chunk, end - p0), sc);
 }
 
 template <typename T>
 void run_pairs_default(const Args<T>& a, const WidthTaps& taps, const T* inv1, const T* inv2,
                        int64_t begin, int64_t end, PairScratch<T>& sc, int64_t chunk) {
-  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc, chunk,
-                 [](const T* x, T* y, int64_t m) { asin_scalar(x, y, m); });
+  run_pairs_impl<DefaultOps>(a, taps, inv1, inv2, begin, end, sc, chunk);
 }
 
 #ifdef TORCH_NTK_X86
@@ -356,8 +454,7 @@ __attribute__((target("avx2,fma"))) void run_pairs_avx2(const Args<T>& a, const 
                                                          const T* inv1, const T* inv2,
                                                          int64_t begin, int64_t end,
                                                          PairScratch<T>& sc, int64_t chunk) {
-  run_pairs_impl(a, taps, inv1, inv2, begin, end, sc, chunk,
-                 [](const T* x, T* y, int64_t m) { asin_avx2(x, y, m); });
+  run_pairs_impl<Avx2Ops>(a, taps, inv1, inv2, begin, end, sc, chunk);
 }
 #endif
 

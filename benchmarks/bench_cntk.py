@@ -99,7 +99,8 @@ def run(nt_python: str | None, n: int, memory_n: int, repeats: int) -> dict:
     if memory_n:
         record(f"torch_ntk native N={memory_n}", f"{me}:measure", dict(n=memory_n, repeats=0))
     out = dict(machine=machine_info("cpu"), n=n, memory_n=memory_n, rows=rows)
-    times = {r["name"].split(" N=")[0]: r.get("seconds") for r in rows}
+    times = {r["name"].split(" N=")[0]: r.get("seconds") for r in rows
+             if r["name"].endswith(f" N={n}")}
     if times.get("neural-tangents") and times.get("torch_ntk native"):
         out["neural_tangents_over_torch_ntk"] = times["neural-tangents"] / times["torch_ntk native"]
     return out

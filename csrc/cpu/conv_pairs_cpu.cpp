@@ -3,7 +3,7 @@
 // costs kh + kw additions instead of kh * kw, with unit-stride inner loops; the affine map and
 // the activation are applied to each output row as it is finished, in a few simple loops that
 // the compiler vectorises. On x86-64 CPUs with AVX2 the rows run in an AVX2 build of those loops
-// with SLEEF's vector asin (1-ulp, the one ATen's own asin uses, found in libtorch at run time);
+// with SLEEF's vector asin (3.5-ulp; SLEEF ships in libtorch, found at run time);
 // elsewhere in the default build with std::asin.
 
 #include <algorithm>
@@ -13,8 +13,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define TORCH_NTK_X86 1
-extern "C" __m256d Sleef_asind4_u10avx2(__m256d) __attribute__((weak));
-extern "C" __m256 Sleef_asinf8_u10avx2(__m256) __attribute__((weak));
+extern "C" __m256d Sleef_asind4_u35avx2(__m256d) __attribute__((weak));
+extern "C" __m256 Sleef_asinf8_u35avx2(__m256) __attribute__((weak));
 #endif
 
 #include <ATen/ATen.h>
@@ -216,12 +216,12 @@ inline void asin_scalar(const float* x, float* y, int64_t n) {
 #ifdef TORCH_NTK_X86
 __attribute__((target("avx2,fma"))) void asin_avx2(const double* x, double* y, int64_t n) {
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, Sleef_asind4_u10avx2(_mm256_loadu_pd(x + i)));
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, Sleef_asind4_u35avx2(_mm256_loadu_pd(x + i)));
   for (; i < n; ++i) y[i] = std::asin(x[i]);
 }
 __attribute__((target("avx2,fma"))) void asin_avx2(const float* x, float* y, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, Sleef_asinf8_u10avx2(_mm256_loadu_ps(x + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, Sleef_asinf8_u35avx2(_mm256_loadu_ps(x + i)));
   for (; i < n; ++i) y[i] = std::asin(x[i]);
 }
 #endif
@@ -230,7 +230,7 @@ __attribute__((target("avx2,fma"))) void asin_avx2(const float* x, float* y, int
 inline bool use_avx2() {
 #ifdef TORCH_NTK_X86
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         Sleef_asind4_u10avx2 != nullptr && Sleef_asinf8_u10avx2 != nullptr;
+                         Sleef_asind4_u35avx2 != nullptr && Sleef_asinf8_u35avx2 != nullptr;
   return ok;
 #else
   return false;
@@ -469,7 +469,7 @@ void conv_pairs_kernel(const Args<T>& a) {
   const std::vector<T> inv2 = with_sides ? inverses(a.s2, g.b2 * po) : std::vector<T>();
   // Chunks of pairs whose buffers stay within about 2 MB.
   const int64_t chunk = std::max<int64_t>(
-      1, std::min<int64_t>(8, (1 << 15) / std::max<int64_t>(1, g.in_pair())));
+      1, std::min<int64_t>(4, (1 << 15) / std::max<int64_t>(1, g.in_pair())));
   at::parallel_for(0, pairs, std::max(grain, chunk), [&](int64_t begin, int64_t end) {
     PairScratch<T> sc(g, a.t != nullptr, std::min(chunk, end - begin));
     const int64_t q = std::min(chunk, end - begin);

@@ -89,7 +89,7 @@ def analytic_ntk(x1, *args, x2: Optional[Tensor] = None, depth: Optional[int] = 
             positions of a layer that keeps position pairs). Default: 181 on CPU for
             fully-connected networks, tiles processed in parallel by
             ``torch.get_num_threads()`` threads; smaller for networks with positions (tiles of
-            about 2²¹ entries per kernel); 4096 on other devices.
+            about 2¹⁹ entries per kernel); 4096 on other devices.
     Returns:
         Tensor[N1, N2]: the kernel asked for by ``get``, or a namedtuple of them; dtype and
         device of ``x1`` (float16/bfloat16 inputs are computed in float32 and cast back).

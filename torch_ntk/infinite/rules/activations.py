@@ -97,7 +97,7 @@ class ClosedForm(Activation):
         pm = torch.asin(rho).add_(math.pi / 2)
         k = torch.addcmul(torch.ones((), dtype=rho.dtype, device=rho.device), rho, rho,
                           value=-1.0).sqrt_()
-        k.addcmul_(rho, pm).mul_(s1).mul_(s2).mul_(1 / (2 * math.pi))
+        k.addcmul_(rho, pm).mul_(s1).mul_(s2 * (1 / (2 * math.pi)))
         dot = pm.mul_(1 / (2 * math.pi)) if need_dot else None
         if self.kind == "leaky_relu":
             # φ = α u + (1 - α) relu(u): E[φφ'] = α c + (1-α)² E[relu relu'],

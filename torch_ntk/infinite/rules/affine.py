@@ -138,15 +138,15 @@ def window_mean(v: Tensor, orient: Orientation, kernel: Tuple[int, ...],
 def _affine(k: Tensor, t, w2: float, b2: float, ntk: bool, owned: bool = False) -> Pair:
     """``K' = w² K + b²``, ``Θ' = w² Θ + K'`` (Θ ``None`` is zero; not computed without
     ``ntk``); ``owned``: k and t may be overwritten."""
-    k = k.mul_(w2) if owned else k * w2
-    if b2:
-        k.add_(b2)
+    if b2:   # one pass each: b² + w² K, K' + w² Θ
+        bias = torch.full((), b2, dtype=k.dtype, device=k.device)
+        k = torch.add(bias, k, alpha=w2, out=k) if owned else torch.add(bias, k, alpha=w2)
+    else:
+        k = k.mul_(w2) if owned else k * w2
     if not ntk:
         return Pair(k, None)
     if t is None:
         t = k.clone()
-    elif owned:
-        t = t.mul_(w2).add_(k)
     else:
-        t = torch.add(k, t, alpha=w2)
+        t = torch.add(k, t, alpha=w2, out=t) if owned else torch.add(k, t, alpha=w2)
     return Pair(k, t)

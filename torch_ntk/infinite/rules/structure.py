@@ -26,17 +26,20 @@ class Input(Rule):
         a, b = x1.reshape(x1.shape[0], c, p), x2.reshape(x2.shape[0], c, p)
         if aligned:
             if full:
-                k = torch.bmm(a.transpose(1, 2), b).reshape((a.shape[0], 1) + s + s)
+                k = torch.bmm(a.transpose(1, 2), b).div_(c).reshape((a.shape[0], 1) + s + s)
             else:
-                k = (a * b).sum(1).reshape((a.shape[0], 1) + s)
+                k = (a * b).mean(1).reshape((a.shape[0], 1) + s)
         elif full:
             k = torch.mm(a.transpose(1, 2).reshape(-1, c), b.transpose(1, 2).reshape(-1, c).T)
-            k = k.reshape(a.shape[0], p, b.shape[0], p).transpose(1, 2)
+            k = k.div_(c).reshape(a.shape[0], p, b.shape[0], p).transpose(1, 2)
             k = k.reshape((a.shape[0], b.shape[0]) + s + s)
+        elif p == 1:   # features: one GEMM, scaled as it is written
+            zero = torch.zeros((), dtype=a.dtype, device=a.device)
+            k = torch.addmm(zero, a[..., 0], b[..., 0].T, beta=0, alpha=1.0 / c)
         else:
-            k = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).permute(1, 2, 0)
+            k = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).div_(c).permute(1, 2, 0)
             k = k.reshape((a.shape[0], b.shape[0]) + s)
-        return Pair(k.div_(c), None)
+        return Pair(k, None)
 
 
 class Identity(Rule):

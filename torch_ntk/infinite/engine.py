@@ -82,19 +82,14 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
     the rows; in the self pass (``record`` given) each node's data is prepared from the
     block's own variances and stored in ``record``."""
     nodes = program.nodes
-    last_use = {}
-    for i, node in enumerate(nodes):
-        for j in node.inputs:
-            last_use[j] = i
+    last_use, orients = _static(program, aligned, ntk)
     values: Dict[int, Pair] = {}
-    orients: Dict[int, Orientation] = {}
     native = pairs.available(xa)   # the self pass (aligned) runs activations in torch
     fused_into: Dict[int, int] = {}
     for i, node in enumerate(nodes):
-        orient = Orientation(node.full, node.shape.spatial, aligned, ntk)
-        orients[i] = orient
+        orient = orients[i]
         rule = node.rule
-        if i in fused_into:    # computed with its convolution
+        if i in fused_into:    # computed with the node before it
             continue
         if native and isinstance(rule, Conv):
             j = None if aligned else program.fusions.get(i)
@@ -104,7 +99,6 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
                 rule, values[node.inputs[0]], orients[node.inputs[0]], orient, act, *entry)
             if j is not None:
                 fused_into[j] = i
-                orients[j] = Orientation(nodes[j].full, nodes[j].shape.spatial, aligned, ntk)
         elif native and isinstance(rule, AvgPool) and len(rule.kernel) <= 2:
             x = values[node.inputs[0]]
             k, t = pairs.pool_pairs(x.nngp, x.ntk, kernel=rule.kernel, stride=rule.stride,
@@ -131,11 +125,31 @@ def run(program: Program, xa: Tensor, xb: Tensor, sides_a: dict, sides_b: dict, 
                 else:
                     side1 = _rows(rule, sides_a[i])
                     side2 = _rows(rule, sides_b[i])
-            values[i] = rule.apply(ins, in_orients, orient, side1, side2)
+            j = program.dense_fusions.get(i)
+            if j is not None:
+                dense = nodes[j].rule
+                values[j] = rule.apply_dense(ins[0], orient, side1, side2, dense.w2, dense.b2)
+                fused_into[j] = i
+            else:
+                values[i] = rule.apply(ins, in_orients, orient, side1, side2)
         for j in node.inputs:
             if last_use[j] == i and j != program.output:
                 del values[j]
     return values[program.output]
+
+
+def _static(program: Program, aligned: bool, ntk: bool) -> Tuple[Dict[int, int], list]:
+    """Per program and kind of run, computed once: each node's last reader and layout."""
+    cache = program.__dict__.setdefault("_engine_static", {})
+    key = (aligned, ntk)
+    if key not in cache:
+        last_use: Dict[int, int] = {}
+        for i, node in enumerate(program.nodes):
+            for j in node.inputs:
+                last_use[j] = i
+        orients = [Orientation(n.full, n.shape.spatial, aligned, ntk) for n in program.nodes]
+        cache[key] = (last_use, orients)
+    return cache[key]
 
 
 def _native_conv(rule: Conv, x: Pair, orient_in: Orientation, orient: Orientation, act, s1,

@@ -52,6 +52,7 @@ class Program:
     output: int
     input_shape: tuple = ()
     fusions: dict = dataclasses.field(default_factory=dict)  # conv node -> its activation
+    dense_fusions: dict = dataclasses.field(default_factory=dict)  # activation -> its dense
 
     @property
     def pair_entries(self) -> int:
@@ -204,18 +205,24 @@ def plan(program: Program, input_shape: Sequence[int]) -> Program:
 
 
 def _fusions(program: Program) -> None:
-    """Convolutions whose only consumer is a closed-form activation: the native core computes
-    the two in one pass."""
+    """Convolutions whose only consumer is a closed-form activation (the native core computes
+    the two in one pass), and activations of features whose only consumer is a dense layer
+    (the layer's scaling is folded into the activation's last products)."""
     consumers: dict = {}
     for i, node in enumerate(program.nodes):
         for j in node.inputs:
             consumers.setdefault(j, []).append(i)
-    program.fusions = {}
+    program.fusions, program.dense_fusions = {}, {}
     for i, node in enumerate(program.nodes):
         users = consumers.get(i, [])
-        if (isinstance(node.rule, Conv) and i != program.output and len(users) == 1
-                and isinstance(program.nodes[users[0]].rule, ClosedForm)):
+        if i == program.output or len(users) != 1:
+            continue
+        user = program.nodes[users[0]]
+        if isinstance(node.rule, Conv) and isinstance(user.rule, ClosedForm):
             program.fusions[i] = users[0]
+        elif (isinstance(node.rule, Activation) and isinstance(user.rule, Dense)
+              and not node.shape.spatial):
+            program.dense_fusions[i] = users[0]
 
 
 def _layouts(program: Program) -> None:

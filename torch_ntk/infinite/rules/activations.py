@@ -28,6 +28,18 @@ from torch import Tensor
 from torch_ntk.infinite.rules.base import Orientation, Pair, Rule, Shape
 
 CLOSED_FORMS = ("relu", "leaky_relu", "erf", "identity")
+# Correlations this close to ±1 are rounding noise of duplicated or opposite inputs.
+_NEAR_ONE = {dt: 1 - 8 * torch.finfo(dt).eps for dt in (torch.float16, torch.bfloat16,
+                                                          torch.float32, torch.float64)}
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A 0-dim tensor of ``value`` with ``like``'s dtype and device, made once."""
+    key = (value, like.dtype, like.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
 DEFAULT_QUADRATURE_DEGREE = 256
 
 
@@ -49,10 +61,25 @@ class Activation(Rule):
             return Pair(k, None)
         return Pair(k, x.ntk.mul_(dot) if x.owned else dot.mul_(x.ntk))
 
+    def apply_dense(self, x: Pair, out: Orientation, side1, side2, w2: float, b2: float
+                    ) -> Pair:
+        """This activation, then a dense layer's ``w² K + b²``, ``w² Θ + K'`` (features only):
+        the scaling is folded into the activation's last products, Θ' is one pass."""
+        k, dot = self.pair(x.nngp, out, side1, side1 if out.aligned else side2,
+                           need_dot=out.ntk and x.ntk is not None, owned=x.owned, scale=w2)
+        if b2:
+            k.add_(b2)
+        if not out.ntk:
+            return Pair(k, None)
+        if x.ntk is None:
+            return Pair(k, k.clone())
+        t = torch.addcmul(k, x.ntk, dot, out=x.ntk) if x.owned else torch.addcmul(k, x.ntk, dot)
+        return Pair(k, t)
+
     def pair(self, c: Tensor, orient: Orientation, side1, side2, *, need_dot: bool,
-             owned: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        """(E[φφ'], E[φ'φ'] or None) of the pair covariances ``c``; ``owned``: c may be
-        overwritten."""
+             owned: bool = False, scale: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
+        """(scale · E[φφ'], scale · E[φ'φ'] or None) of the pair covariances ``c``;
+        ``owned``: c may be overwritten."""
         raise NotImplementedError
 
 
@@ -69,7 +96,10 @@ class ClosedForm(Activation):
         sigma = variance.clamp_min(0).sqrt()
         return sigma, torch.where(sigma > 0, 1 / sigma, torch.zeros_like(sigma))
 
-    def pair(self, c, orient, side1, side2, *, need_dot, owned=False):
+    def pair(self, c, orient, side1, side2, *, need_dot, owned=False, scale=1.0):
+        if self.kind != "relu" and scale != 1.0:
+            k, dot = self.pair(c, orient, side1, side2, need_dot=need_dot, owned=owned)
+            return k.mul_(scale), (None if dot is None else dot.mul_(scale))
         s1, s2 = orient.left(side1[0]), orient.right(side2[0])
         if self.kind == "identity":
             return c.clone(), (torch.ones_like(c) if need_dot else None)
@@ -87,18 +117,17 @@ class ClosedForm(Activation):
         rho = (torch.mul(c, inv1) if keep_c else c.mul_(inv1)).mul_(inv2).clamp_(-1.0, 1.0)
         # Correlations within 8 ulps of ±1 (rounding noise for duplicated or opposite inputs)
         # become exactly ±1: E[φ'φ'] would turn that noise into O(sqrt(eps)) errors.
-        near = 1 - 8 * torch.finfo(rho.dtype).eps
+        near = _NEAR_ONE[rho.dtype]
         if rho.numel():
-            lo, hi = torch.aminmax(rho)
-            if float(hi) >= near or float(lo) <= -near:
+            lo, hi = torch.stack(torch.aminmax(rho)).tolist()
+            if hi >= near or lo <= -near:
                 rho.masked_fill_(rho >= near, 1.0).masked_fill_(rho <= -near, -1.0)
         # E[relu(u) relu(v)] = σσ'/(2π) (sin θ + (π - θ) cos θ), E[step step] = (π - θ)/(2π),
         # θ = acos ρ: π - θ = π/2 + asin ρ and sin θ = sqrt(1 - ρ²).
         pm = torch.asin(rho).add_(math.pi / 2)
-        k = torch.addcmul(torch.ones((), dtype=rho.dtype, device=rho.device), rho, rho,
-                          value=-1.0).sqrt_()
-        k.addcmul_(rho, pm).mul_(s1).mul_(s2 * (1 / (2 * math.pi)))
-        dot = pm.mul_(1 / (2 * math.pi)) if need_dot else None
+        k = torch.addcmul(_constant(1.0, rho), rho, rho, value=-1.0).sqrt_()
+        k.addcmul_(rho, pm).mul_(s1).mul_(s2 * (scale / (2 * math.pi)))
+        dot = pm.mul_(scale / (2 * math.pi)) if need_dot else None
         if self.kind == "leaky_relu":
             # φ = α u + (1 - α) relu(u): E[φφ'] = α c + (1-α)² E[relu relu'],
             # E[φ'φ'] = α + (1-α)² E[step step']
@@ -150,7 +179,7 @@ class Hermite(Activation):
         coef_d = (grads * sqrt_w).mm(basis_t).reshape(shape).to(variance.dtype)
         return sigma, coef, coef_d
 
-    def pair(self, c, orient, side1, side2, *, need_dot, owned=False):
+    def pair(self, c, orient, side1, side2, *, need_dot, owned=False, scale=1.0):
         (s1, a1, d1), (s2, a2, d2) = side1, side2
         v1, v2 = orient.left(s1), orient.right(s2)
         inv1 = torch.where(v1 > 0, 1 / v1, torch.zeros_like(v1))
@@ -158,6 +187,9 @@ class Hermite(Activation):
         rho = torch.mul(c, inv1).mul_(inv2).clamp_(-1.0, 1.0)
         k = self._series(rho, a1, a2, orient)
         dot = self._series(rho, d1, d2, orient) if need_dot else None
+        if scale != 1.0:
+            k.mul_(scale)
+            dot = None if dot is None else dot.mul_(scale)
         return k, dot
 
     def _series(self, rho: Tensor, a1: Tensor, a2: Tensor, orient: Orientation) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch_ntk.infinite.rules.activations import _constant
 from torch_ntk.infinite.rules.base import Orientation, Pair, Rule, Shape
 
 
@@ -139,7 +140,7 @@ def _affine(k: Tensor, t, w2: float, b2: float, ntk: bool, owned: bool = False) 
     """``K' = w² K + b²``, ``Θ' = w² Θ + K'`` (Θ ``None`` is zero; not computed without
     ``ntk``); ``owned``: k and t may be overwritten."""
     if b2:   # one pass each: b² + w² K, K' + w² Θ
-        bias = torch.full((), b2, dtype=k.dtype, device=k.device)
+        bias = _constant(b2, k)
         k = torch.add(bias, k, alpha=w2, out=k) if owned else torch.add(bias, k, alpha=w2)
     else:
         k = k.mul_(w2) if owned else k * w2

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from torch_ntk.infinite import engine, program
 from torch_ntk.infinite.checks import (ACTIVATIONS, GETS, ActivationLike, _check_get,  # noqa: F401
-                                       _check_inputs, _check_int, _check_options, _check_std,
-                                       _kernels_type, resolve_activation)
+                                       _check_inputs, _check_int, _check_model_inputs,
+                                       _check_options, _check_std, _kernels_type,
+                                       resolve_activation)
 from torch_ntk.infinite.rules.activations import (CLOSED_FORMS, DEFAULT_QUADRATURE_DEGREE,
                                                   ClosedForm, Hermite)
 
@@ -178,32 +179,3 @@ def _compute(net: program.Program, x1: Tensor, x2: Optional[Tensor], fields: Tup
     if len(fields) == 1 and isinstance(get, str):
         return outs[fields[0]]
     return _kernels_type(fields)(*(outs[f] for f in fields))
-
-
-def _check_model_inputs(x1, x2) -> Tuple[Tensor, Optional[Tensor]]:
-    for arg, x in (("x1", x1), ("x2", x2)):
-        if x is None:
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"analytic_ntk: {arg} must be a torch.Tensor, "
-                            f"got {type(x).__name__}.")
-        if not x.is_floating_point():
-            raise TypeError(f"analytic_ntk: {arg} must be a floating-point tensor, got {x.dtype}; "
-                            f"convert with {arg}.double() (float64 is recommended).")
-        if x.dim() < 2:
-            raise ValueError(f"analytic_ntk: {arg} must have a batch axis and the model's "
-                             f"input axes, (N, C, *spatial) or (N, features); got "
-                             f"{tuple(x.shape)}.")
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"analytic_ntk: {arg} contains NaN or infinite values.")
-    if x2 is not None:
-        if x1.shape[1:] != x2.shape[1:]:
-            raise ValueError(f"analytic_ntk: x1 and x2 must have the same sample shape; got "
-                             f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}.")
-        if x1.device != x2.device:
-            raise ValueError(f"analytic_ntk: x1 is on {x1.device} but x2 is on {x2.device}; "
-                             f"move both to the same device.")
-        if x1.dtype != x2.dtype:
-            raise ValueError(f"analytic_ntk: x1 is {x1.dtype} but x2 is {x2.dtype}; "
-                             f"convert both to the same dtype.")
-    return x1, x2

@@ -126,36 +126,67 @@ def _check_std(caller: str, arg: str, val) -> None:
 
 
 def _check_inputs(x1, x2) -> Tuple[Tensor, Tensor]:
+    """Inputs of the fully-connected form: (N, n0) floating-point tensors; x2 None is x1."""
     for arg, x in (("x1", x1), ("x2", x2)):
         if x is None:
             continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"analytic_ntk: {arg} must be a torch.Tensor, "
-                            f"got {type(x).__name__}.")
-        if not x.is_floating_point():
-            raise TypeError(f"analytic_ntk: {arg} must be a floating-point tensor, got {x.dtype}; "
-                            f"convert with {arg}.double() (float64 is recommended).")
+        _check_float_tensor(arg, x)
         if x.dim() != 2:
             raise ValueError(f"analytic_ntk: {arg} must have shape (N, n0), got "
                              f"{tuple(x.shape)}; flatten the sample dimensions with "
                              f"{arg}.flatten(1).")
         if x.shape[1] == 0:
             raise ValueError(f"analytic_ntk: {arg} has no features (shape {tuple(x.shape)}).")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"analytic_ntk: {arg} contains NaN or infinite values.")
+        _check_finite(arg, x)
     if x2 is None:
         return x1, x1
     if x1.shape[1] != x2.shape[1]:
         raise ValueError(f"analytic_ntk: x1 and x2 must have the same number of features; got "
                          f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}. Pass x2=None for the "
                          f"kernel of x1 with itself.")
+    _check_alike(x1, x2)
+    return x1, x2
+
+
+def _check_model_inputs(x1, x2) -> Tuple[Tensor, Optional[Tensor]]:
+    """Inputs of the module form: (N, *in_shape) floating-point tensors, x2 None or alike."""
+    for arg, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        _check_float_tensor(arg, x)
+        if x.dim() < 2:
+            raise ValueError(f"analytic_ntk: {arg} must have a batch axis and the model's "
+                             f"input axes, (N, C, *spatial) or (N, features); got "
+                             f"{tuple(x.shape)}.")
+        _check_finite(arg, x)
+    if x2 is not None:
+        if x1.shape[1:] != x2.shape[1:]:
+            raise ValueError(f"analytic_ntk: x1 and x2 must have the same sample shape; got "
+                             f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}.")
+        _check_alike(x1, x2)
+    return x1, x2
+
+
+def _check_float_tensor(arg: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"analytic_ntk: {arg} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"analytic_ntk: {arg} must be a floating-point tensor, got {x.dtype}; "
+                        f"convert with {arg}.double() (float64 is recommended).")
+
+
+def _check_finite(arg: str, x: Tensor) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"analytic_ntk: {arg} contains NaN or infinite values.")
+
+
+def _check_alike(x1: Tensor, x2: Tensor) -> None:
     if x1.device != x2.device:
         raise ValueError(f"analytic_ntk: x1 is on {x1.device} but x2 is on {x2.device}; "
                          f"move both to the same device.")
     if x1.dtype != x2.dtype:
         raise ValueError(f"analytic_ntk: x1 is {x1.dtype} but x2 is {x2.dtype}; "
                          f"convert both to the same dtype.")
-    return x1, x2
 
 
 @functools.lru_cache(maxsize=None)

@@ -483,3 +483,25 @@ def test_values_read_again_after_a_pass_through_are_not_overwritten():
     a = torch_ntk.analytic_ntk(Net(), x, get=("nngp", "ntk"))
     b = torch_ntk.analytic_ntk(Plain(), x, get=("nngp", "ntk"))
     assert torch.equal(a.ntk, b.ntk) and torch.equal(a.nngp, b.nngp)
+
+
+def test_hooks_and_parametrisations_are_refused():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    net = nn.Sequential(torch_ntk.NTKLinear(3, 4, w_std=1.0), nn.ReLU(),
+                        torch_ntk.NTKLinear(4, 1, w_std=1.0))
+    x = torch.randn(3, 3)
+    handle = net[1].register_forward_hook(lambda m, i, o: o * 2)
+    _raises(net, x, r"1 \(ReLU\) has forward hooks")
+    handle.remove()
+    handle = net.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    _raises(net, x, "Sequential.*forward hooks")
+    handle.remove()
+    parametrize.register_parametrization(net[0], "weight", Double())
+    _raises(net, x, "parametrised")
+    parametrize.remove_parametrizations(net[0], "weight")
+    assert torch_ntk.analytic_ntk(net, x).shape == (3, 3)

@@ -62,6 +62,7 @@ class Program:
 
 def trace(model: nn.Module) -> Program:
     """The program of ``model``'s forward; ValueError naming what can't be read."""
+    _check_untouched(model)
     if isinstance(model, NTKMLP) or registry.module_rules(model, "model") is not None:
         chain = registry.module_rules(model, type(model).__name__)
         if chain is None:
@@ -246,6 +247,29 @@ def _check_independent(node: Node, ins: Sequence[Node]) -> None:
                     f"of each two branches ends in an NTK layer (linear or conv, possibly "
                     f"followed by pooling, erf, tanh or LayerNorm) that the other branch "
                     f"doesn't use, as in x + block(x) with block ending in a conv.")
+
+
+def _check_untouched(model: nn.Module) -> None:
+    """The rules read the layers' definitions, not their forward: hooks (which may change what
+    a layer computes) and parametrisations (which change its weights' distribution) would be
+    ignored, so they are refused."""
+    from torch.nn.modules import module as base
+    from torch.nn.utils import parametrize
+    if base._global_forward_hooks or base._global_forward_pre_hooks:
+        raise ValueError("analytic_ntk: global forward hooks are registered; the infinite-width "
+                         "kernel is read from the layers' definitions and would ignore them. "
+                         "Remove them for the call.")
+    for name, m in model.named_modules():
+        label = name or type(model).__name__
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise ValueError(f"analytic_ntk: the module {label} ({type(m).__name__}) has forward "
+                             f"hooks; the infinite-width kernel is read from the layers' "
+                             f"definitions and would ignore what they change. Remove them for "
+                             f"the call.")
+        if parametrize.is_parametrized(m):
+            raise ValueError(f"analytic_ntk: the module {label} ({type(m).__name__}) is "
+                             f"parametrised; its weights are no longer the N(0, 1) of the NTK "
+                             f"parameterisation. Use torch_ntk.monte_carlo_ntk for it.")
 
 
 def _append(nodes: List[Node], rule: Rule, inputs: List[int], label: str) -> int:

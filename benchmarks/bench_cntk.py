@@ -14,7 +14,11 @@ NTK. Every layer keeps all pairs of positions (pooling follows), so a pair of in
   alone is N²·8 bytes) the peak resident memory of one call.
 - neural-tangents 0.6.5 (``--nt-python``, the environment of bench_neural_tangents.py's
   docstring): ``jax.jit(kernel_fn)`` and ``nt.batch(kernel_fn, batch_size)`` for a few batch
-  sizes, by ``benchmarks/nt_architectures.py``; its fastest setting is the comparison.
+  sizes (``--nt-batch-sizes``, default 0 = jit alone and 64), by
+  ``benchmarks/nt_architectures.py``; its fastest setting is the comparison.
+
+The two libraries alternate for ``--rounds`` rounds and the ratio is quoted per round (the
+machine's speed drifts over minutes).
 
 Each measurement runs in a fresh process, and the 1-minute load average is recorded next to
 it (other processes compete for the cores).
@@ -71,7 +75,8 @@ def measure(n: int, native: bool = True, repeats: int = 3, seed: int = 0) -> dic
                 checksum=float(k.double().sum()))
 
 
-def run(nt_python: str | None, n: int, memory_n: int, repeats: int) -> dict:
+def run(nt_python: str | None, n: int, memory_n: int, repeats: int, rounds: int = 3,
+        nt_batch_sizes=(0, 64)) -> dict:
     from torch_ntk.apps.bench import harness
     from torch_ntk.apps.machine import machine_info
 
@@ -79,8 +84,10 @@ def run(nt_python: str | None, n: int, memory_n: int, repeats: int) -> dict:
     rows = []
 
     def record(name, target, kwargs, python=None, timeout=1800):
-        row = dict(name=name, load_before=harness.load_average())
+        before = harness.load_average()
+        row = dict(name=name)
         row.update(harness.run_isolated(target, kwargs, python=python, timeout=timeout))
+        row["load_before"] = before
         timed = [r for r in row.get("rows", []) if "seconds" in r]
         if timed:   # neural-tangents: its fastest batch size
             best = min(timed, key=lambda r: r["seconds"])
@@ -90,19 +97,22 @@ def run(nt_python: str | None, n: int, memory_n: int, repeats: int) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    record(f"torch_ntk native N={n}", f"{me}:measure", dict(n=n, repeats=repeats))
-    if nt_python:
-        record(f"neural-tangents N={n}", os.path.join(HERE, "nt_architectures.py") + ":nt_time_myrtle",
-               dict(n=n, repeats=repeats), python=nt_python)
-    record(f"torch_ntk pure torch N={n}", f"{me}:measure",
-           dict(n=n, native=False, repeats=1))
+    ratios = []
+    for round_ in range(rounds):   # alternate the two libraries: the machine's speed drifts
+        record(f"torch_ntk native N={n} (round {round_ + 1})", f"{me}:measure",
+               dict(n=n, repeats=repeats))
+        if nt_python:
+            record(f"neural-tangents N={n} (round {round_ + 1})",
+                   os.path.join(HERE, "nt_architectures.py") + ":nt_time_myrtle",
+                   dict(n=n, repeats=repeats, batch_sizes=list(nt_batch_sizes)), python=nt_python)
+            ours, theirs = rows[-2].get("seconds"), rows[-1].get("seconds")
+            if ours and theirs:
+                ratios.append(theirs / ours)
+    record(f"torch_ntk pure torch N={n}", f"{me}:measure", dict(n=n, native=False, repeats=1))
     if memory_n:
         record(f"torch_ntk native N={memory_n}", f"{me}:measure", dict(n=memory_n, repeats=0))
-    out = dict(machine=machine_info("cpu"), n=n, memory_n=memory_n, rows=rows)
-    times = {r["name"].split(" N=")[0]: r.get("seconds") for r in rows
-             if r["name"].endswith(f" N={n}")}
-    if times.get("neural-tangents") and times.get("torch_ntk native"):
-        out["neural_tangents_over_torch_ntk"] = times["neural-tangents"] / times["torch_ntk native"]
+    out = dict(machine=machine_info("cpu"), n=n, memory_n=memory_n, rows=rows,
+               neural_tangents_over_torch_ntk=ratios)
     return out
 
 
@@ -123,12 +133,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--memory-n", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternations of torch_ntk and neural-tangents at --n")
+    parser.add_argument("--nt-batch-sizes", type=int, nargs="+", default=[0, 64],
+                        help="neural-tangents settings: 0 = jax.jit alone, b = nt.batch(b)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    result = run(args.nt_python, args.n, args.memory_n, args.repeats)
+    result = run(args.nt_python, args.n, args.memory_n, args.repeats, args.rounds,
+                 args.nt_batch_sizes)
     print(format_table(result))
-    if "neural_tangents_over_torch_ntk" in result:
-        print(f"neural-tangents / torch_ntk: {result['neural_tangents_over_torch_ntk']:.1f}x")
+    ratios = result["neural_tangents_over_torch_ntk"]
+    if ratios:
+        print("neural-tangents (its fastest setting) / torch_ntk, per round: "
+              + ", ".join(f"{r:.1f}x" for r in ratios))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -89,7 +89,7 @@ struct WidthTaps {
 template <typename T>
 __attribute__((always_inline)) inline void width_taps(const PairGeometry& g,
                                                       const WidthTaps& taps,
-                                                      const T* __restrict__ src, int64_t stride,
+                                                      const T* __restrict__ src,
                                                       T* __restrict__ dst, int64_t j,
                                                       int64_t q) {
   const int64_t lo = taps.lo[j], hi = taps.hi[j], off = taps.off[j];
@@ -100,7 +100,6 @@ __attribute__((always_inline)) inline void width_taps(const PairGeometry& g,
     for (int64_t v = lo; v < hi; ++v)
       for (int64_t r = 0; r < q; ++r) dst[v * q + r] += s[g.sw * v * q + r];
   }
-  (void)stride;
 }
 
 // Stage 2 of the full layout for one side-1 position (u1, v1): the sums over the width
@@ -117,7 +116,7 @@ __attribute__((always_inline)) inline void width_block_full(const PairGeometry& 
     const int64_t w1 = g.sw * v1 + taps.off[j];
     if (w1 < 0 || w1 >= w) continue;
     for (int64_t u2 = 0; u2 < ho; ++u2)
-      width_taps(g, taps, tmp + ((u1 * w + w1) * ho + u2) * w * q, 0, block + u2 * wo * q, j, q);
+      width_taps(g, taps, tmp + ((u1 * w + w1) * ho + u2) * w * q, block + u2 * wo * q, j, q);
   }
 }
 
@@ -138,7 +137,7 @@ __attribute__((always_inline)) inline void window_diag(const PairGeometry& g,
     }
   std::fill(out, out + ho * wo * q, T(0));
   for (int64_t j = 0; j < g.kw; ++j)
-    for (int64_t u = 0; u < ho; ++u) width_taps(g, taps, tmp + u * row, 0, out + u * wo * q, j, q);
+    for (int64_t u = 0; u < ho; ++u) width_taps(g, taps, tmp + u * row, out + u * wo * q, j, q);
 }
 
 // Per-thread buffers of one block of entries.

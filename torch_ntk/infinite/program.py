@@ -30,8 +30,6 @@ from torch_ntk.infinite.rules.base import Rule, Shape
 from torch_ntk.infinite.rules.norm import LayerNorm
 from torch_ntk.infinite.rules.structure import Add, Input
 
-_LINEAR_NAMES = ("identity", "scale", "flatten", "avg_pool", "global_avg_pool")
-
 
 @dataclasses.dataclass
 class Node:
@@ -192,7 +190,7 @@ def plan(program: Program, input_shape: Sequence[int]) -> Program:
             node.odd = ins[0].odd
         elif isinstance(rule, Activation):
             node.odd = ins[0].odd if rule.odd else frozenset()
-        elif rule.name in _LINEAR_NAMES:
+        elif rule.linear:
             node.odd = ins[0].odd
     out = program.nodes[program.output]
     if out.shape.positions > 1:

@@ -113,6 +113,7 @@ class Rule:
 
     name = "rule"
     uses_variance = False
+    linear = False   # the output is a linear map of the input (keeps it odd in any weights)
 
     def shape(self, inputs: Sequence[Shape]) -> Shape:
         """The output's static shape; raises ValueError for inputs the layer can't take."""

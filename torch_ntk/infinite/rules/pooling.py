@@ -14,6 +14,7 @@ class AvgPool(Rule):
     """``K'[t, t'] = mean_{d, e} K[s·t + d, s·t' + e]`` over the two windows."""
 
     name = "avg_pool"
+    linear = True
 
     def __init__(self, kernel: Tuple[int, ...], stride: Tuple[int, ...], label: str) -> None:
         self.kernel, self.stride, self.label = kernel, stride, label
@@ -48,6 +49,7 @@ class GlobalAvgPool(Rule):
     """The mean over all pairs of positions; ``keep`` keeps size-1 spatial axes."""
 
     name = "global_avg_pool"
+    linear = True
 
     def __init__(self, label: str, keep: bool, dims: Optional[Tuple[int, ...]] = None) -> None:
         self.label, self.keep, self.dims = label, keep, dims

@@ -46,6 +46,7 @@ class Identity(Rule):
     """nn.Identity, nn.Dropout (the identity at infinite width, as in neural-tangents)."""
 
     name = "identity"
+    linear = True
 
     def shape(self, inputs: Sequence[Shape]) -> Shape:
         return inputs[0]
@@ -58,6 +59,7 @@ class Scale(Rule):
     """``c · x`` for a constant c: K and Θ scale by c²."""
 
     name = "scale"
+    linear = True
 
     def __init__(self, factor: float) -> None:
         self.factor = float(factor)
@@ -76,6 +78,7 @@ class Flatten(Rule):
     position)."""
 
     name = "flatten"
+    linear = True
 
     def __init__(self, label: str) -> None:
         self.label = label

@@ -19,7 +19,7 @@ from torch import nn
 
 import torch_ntk
 from torch_ntk.infinite import program
-from torch_ntk.native import route
+from torch_ntk.native import pairs, route
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "nt_architectures.npz")
 NATIVE = torch_ntk.native.info()["cpu"]
@@ -413,31 +413,102 @@ def test_structured_engine_reads_ntk_convs():
 
 # The native ops
 
-@pytest.mark.skipif(not NATIVE, reason="the native core is not compiled")
-@pytest.mark.parametrize("full", [True, False])
-def test_opcheck_conv_pairs(full):
+def _chain_args(full, with_t=True, ntk=True, dtype=torch.float64):
+    """A chain of a strided conv + relu, a pooling (full layout), a 1x1 conv + erf and a
+    conv without activation on (2, 3) pairs of 5x4 maps, as the op's arguments."""
     torch.manual_seed(0)
     shape = (2, 3, 5, 4, 5, 4) if full else (2, 3, 5, 4)
-    k = torch.rand(shape, dtype=torch.float64)
-    t = torch.rand(shape, dtype=torch.float64)
-    s1, s2 = torch.rand(2, 5, 2, dtype=torch.float64) + 1, torch.rand(3, 5, 2, dtype=torch.float64) + 1
-    args = (k, t, s1, s2, [3, 2], [1, 2], [1, 1], [1, 0], [5, 2], full, True, 1.5, 0.1, "relu",
-            0.0)
-    torch.library.opcheck(torch.ops.torch_ntk.conv_pairs, args)
-    torch.library.opcheck(torch.ops.torch_ntk.pool_pairs,
-                          (torch.rand(2, 3, 4, 4, 4, 4, dtype=torch.float64), None, [2, 2], [2, 2],
-                           [2, 2]))
+    k = torch.rand(shape, dtype=dtype)
+    t = torch.rand(shape, dtype=dtype) if with_t else None
+    steps = [pairs.Step("conv", (3, 2), (1, 2), (5, 2), (1, 1), (1, 0), 1.5, 0.1, "relu")]
+    if full:
+        steps.append(pairs.Step("pool", (2, 1), (1, 1), (4, 2)))
+    size = (4, 2) if full else (5, 2)
+    steps += [pairs.Step("conv", (1, 1), (1, 1), size, w2=0.7, b2=0.2, act="erf"),
+              pairs.Step("conv", (2, 2), (1, 1), size, (1, 1), (1, 1), 1.2, 0.0)]
+    s1 = [torch.rand(2, 5, 2, dtype=dtype) + 1, torch.rand(2, *size, dtype=dtype) + 0.5]
+    s2 = [torch.rand(3, 5, 2, dtype=dtype) + 1, torch.rand(3, *size, dtype=dtype) + 0.5]
+    return k, t, steps, s1, s2
 
 
 @pytest.mark.skipif(not NATIVE, reason="the native core is not compiled")
-def test_conv_pairs_refuses_bad_shapes():
-    k = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("with_t,ntk", [(True, True), (False, True), (True, False)])
+def test_opcheck_pair_chain(full, with_t, ntk):
+    k, t, steps, s1, s2 = _chain_args(full, with_t)
+    ints, scales = [], []
+    for step in steps:
+        i, f = step.encode()
+        ints, scales = ints + i, scales + f
+    torch.library.opcheck(torch.ops.torch_ntk.pair_chain, (k, t, s1, s2, ints, scales, full, ntk))
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native core is not compiled")
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("with_t", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pair_chain_equals_its_steps_one_by_one(full, with_t, dtype):
+    """Running the steps on a few pairs at a time in one call changes nothing."""
+    k, t, steps, s1, s2 = _chain_args(full, with_t, dtype=dtype)
+    k1, t1 = pairs.chain(k, t, steps, s1, s2, full=full, ntk=True)
+    side = 0
+    for step in steps:
+        n = step.act != "none"
+        k, t = pairs.chain(k, t, [step], s1[side:side + n], s2[side:side + n], full=full,
+                           ntk=True)
+        side += n
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    assert _rel(k1, k) < tol and _rel(t1, t) < tol
+    knn, tnn = pairs.chain(*_chain_args(full, with_t, dtype=dtype)[:2],
+                           _chain_args(full)[2], s1, s2, full=full, ntk=False)
+    assert tnn is None and _rel(knn, k1) < tol
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native core is not compiled")
+def test_pair_chain_refuses_bad_arguments():
+    k, t, steps, s1, s2 = _chain_args(True)
     with pytest.raises(RuntimeError, match="s1 must be"):
-        torch.ops.torch_ntk.conv_pairs(k, None, k[0, 0], k[0], [3, 3], [1, 1], [1, 1], [1, 1],
-                                       [5, 5], False, True, 1.0, 0.0, "relu", 0.0)
-    with pytest.raises(RuntimeError, match="act must be"):
-        torch.ops.torch_ntk.conv_pairs(k, None, k[0], k[0], [3, 3], [1, 1], [1, 1], [1, 1],
-                                       [5, 5], False, True, 1.0, 0.0, "swish", 0.0)
+        pairs.chain(k, t, steps, [s1[1], s1[1]], s2, full=True, ntk=True)
+    with pytest.raises(RuntimeError, match="one s1 and one s2 per step"):
+        pairs.chain(k, t, steps, s1[:1], s2[:1], full=True, ntk=True)
+    with pytest.raises(RuntimeError, match="pooling .* needs the full layout"):
+        pairs.chain(k[:, :, :, :, 0, 0], None, [pairs.Step("pool", (2, 2), (1, 1), (4, 3))], [],
+                    [], full=False, ntk=True)
+    with pytest.raises(RuntimeError, match="reads past its input"):
+        pairs.chain(k, None, [pairs.Step("pool", (2, 2), (2, 2), (3, 2))], [], [], full=True,
+                    ntk=True)
+    with pytest.raises(RuntimeError, match="act codes"):
+        torch.ops.torch_ntk.pair_chain(k, None, [], [], [0, 7] + [1] * 10, [1.0, 0.0, 0.0],
+                                       True, True)
+    with pytest.raises(RuntimeError, match="ints and 3 scales per step"):
+        torch.ops.torch_ntk.pair_chain(k, None, [], [], [0, 0, 1], [1.0], True, True)
+
+
+@pytest.mark.parametrize("dims,kernel,stride,dilation,padding", [
+    (2, 3, 1, 1, "same"), (2, (3, 2), (2, 1), (1, 2), "same"), (2, 2, 2, 1, "valid"),
+    (2, (1, 3), 1, 1, (0, 2)), (1, 3, 2, 2, "same"), (1, 4, 1, 1, 1)])
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_input_window_equals_the_window_mean_of_the_input_kernel(dims, kernel, stride, dilation,
+                                                                 padding, full, aligned):
+    from torch_ntk.infinite.rules.affine import Conv, window_mean
+    from torch_ntk.infinite.rules.base import Orientation, Shape
+    from torch_ntk.infinite.rules.structure import Input
+    layer = (torch_ntk.NTKConv2d if dims == 2 else torch_ntk.NTKConv1d)(
+        3, 2, kernel, stride=stride, dilation=dilation, padding=padding)
+    spatial = (7, 6) if dims == 2 else (9,)
+    rule = Conv(layer, "conv")
+    out_spatial = rule.shape([Shape(channels=3, spatial=spatial)]).spatial
+    x1 = torch.randn(4, 3, *spatial, dtype=torch.float64)
+    x2 = x1 if aligned else torch.randn(5, 3, *spatial, dtype=torch.float64)
+    inp = Input().kernel(x1, x2, full, aligned).nngp
+    ref = window_mean(inp, Orientation(full, spatial, aligned), layer.kernel_size, layer.stride,
+                      layer.dilation, rule.pads, diagonal_window=True)
+    out = Orientation(full, out_spatial, aligned)
+    got = rule.input_window(x1, x2, out)
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-14
+    buffer = torch.full((got.numel() + 3,), float("nan"), dtype=torch.float64)
+    assert _rel(rule.input_window(x1, x2, out, buffer), ref) < 1e-14
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch_ntk.native.info()["cuda"],

@@ -50,6 +50,8 @@ class Program:
     output: int
     input_shape: tuple = ()
     fusions: dict = dataclasses.field(default_factory=dict)  # conv node -> its activation
+    # input nodes read only by convolutions, which take their windows from the data's patches
+    patched_inputs: frozenset = frozenset()
     dense_fusions: dict = dataclasses.field(default_factory=dict)  # activation -> its dense
 
     @property
@@ -204,14 +206,18 @@ def plan(program: Program, input_shape: Sequence[int]) -> Program:
 
 
 def _fusions(program: Program) -> None:
-    """Convolutions whose only consumer is a closed-form activation (the native core computes
-    the two in one pass), and activations of features whose only consumer is a dense layer
+    """Inputs read only by convolutions; convolutions whose only consumer is a closed-form
+    activation (the native core computes the two in one pass), and activations of features whose only consumer is a dense layer
     (the layer's scaling is folded into the activation's last products)."""
     consumers: dict = {}
     for i, node in enumerate(program.nodes):
         for j in node.inputs:
             consumers.setdefault(j, []).append(i)
     program.fusions, program.dense_fusions = {}, {}
+    program.patched_inputs = frozenset(
+        i for i, node in enumerate(program.nodes)
+        if isinstance(node.rule, Input) and i != program.output and consumers.get(i)
+        and all(isinstance(program.nodes[u].rule, Conv) for u in consumers[i]))
     for i, node in enumerate(program.nodes):
         users = consumers.get(i, [])
         if i == program.output or len(users) != 1:

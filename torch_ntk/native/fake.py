@@ -1,6 +1,6 @@
 """Meta ("fake") kernels of the native ops: shapes and devices only, never data.
 
-They let ``torch.compile`` and meta tensors trace ``gram_sum_out``; they word their errors like
+They let ``torch.compile`` and meta tensors trace ``gram_sum_out`` and ``pair_chain``; they word their errors like
 ``check_gram_inputs`` in csrc/gram_sum.h does for the real kernels.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from torch_ntk import _modes
 from torch_ntk.native import loader
+from torch_ntk.native.pairs import STEP_INTS, STEP_SCALES
 
 if loader._C is not None:
     @torch.library.register_fake("torch_ntk::gram_sum_out")
@@ -23,27 +24,24 @@ if loader._C is not None:
         _check_gram_shapes("gram_sum_sym_out", h, h, d, d, c, kind, out)
 
 
-    @torch.library.register_fake("torch_ntk::conv_pairs")
-    def _conv_pairs_fake(k, t, s1, s2, kernel, stride, dilation, pad, out_size, full, ntk, w2,
-                         b2, act, slope):
-        dims = len(kernel)
-        if dims not in (1, 2) or k.dim() != 2 + dims * (2 if full else 1):
-            raise ValueError(f"conv_pairs: k must be (B1, B2, *S{', *S' if full else ''}) with "
-                             f"1 or 2 spatial axes, got {tuple(k.shape)} for {dims}.")
+    @torch.library.register_fake("torch_ntk::pair_chain")
+    def _pair_chain_fake(k, t, s1, s2, steps, scales, full, ntk):
+        per = 2 if full else 1
+        dims = (k.dim() - 2) // per
+        if k.dim() <= 2 or (k.dim() - 2) % per or dims > 2:
+            raise ValueError(f"pair_chain: k must be (B1, B2, *S{', *S' if full else ''}) with "
+                             f"1 or 2 spatial axes, got {tuple(k.shape)}.")
         if t is not None and (t.shape != k.shape or t.dtype != k.dtype):
-            raise ValueError(f"conv_pairs: t must match k, got {tuple(t.shape)} {t.dtype} vs "
+            raise ValueError(f"pair_chain: t must match k, got {tuple(t.shape)} {t.dtype} vs "
                              f"{tuple(k.shape)} {k.dtype}.")
-        shape = tuple(k.shape[:2]) + tuple(out_size) * (2 if full else 1)
+        n = len(steps) // STEP_INTS
+        if n < 1 or len(steps) != n * STEP_INTS or len(scales) != n * STEP_SCALES:
+            raise ValueError(f"pair_chain: {STEP_INTS} ints and {STEP_SCALES} scales per step, "
+                             f"got {len(steps)} and {len(scales)}.")
+        ho, wo = steps[-2], steps[-1]
+        spatial = (ho, wo) if dims == 2 else (wo,)
+        shape = tuple(k.shape[:2]) + spatial * per
         return k.new_empty(shape), (k.new_empty(shape) if ntk else k.new_empty(0))
-
-    @torch.library.register_fake("torch_ntk::pool_pairs")
-    def _pool_pairs_fake(k, t, kernel, stride, out_size):
-        dims = len(kernel)
-        if dims not in (1, 2) or k.dim() != 2 + 2 * dims:
-            raise ValueError(f"pool_pairs: k must be (B1, B2, *S, *S) with 1 or 2 spatial axes, "
-                             f"got {tuple(k.shape)} for {dims}.")
-        shape = tuple(k.shape[:2]) + tuple(out_size) * 2
-        return k.new_empty(shape), (k.new_empty(shape) if t is not None else k.new_empty(0))
 
 
 # Internal helpers

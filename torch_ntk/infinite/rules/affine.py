@@ -11,6 +11,7 @@ outside the padded input; the mean still divides by the window size).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -92,6 +93,49 @@ class Conv(Rule):
                                       diagonal_window=True))
         return _affine(mean(x.nngp), None if x.ntk is None else mean(x.ntk), self.w2, self.b2,
                        out.ntk)
+
+    def input_window(self, x1: Tensor, x2: Tensor, out: Orientation,
+                     buffer: Optional[Tensor] = None) -> Tensor:
+        """The window mean of the network input's kernel (``Input``), from the inputs' patches.
+
+        Equal to ``window_mean`` of the input's pair tensor, but one batched product over the
+        ``C · prod(kernel)`` entries of each window instead of an outer product over position
+        pairs and sums over offsets. x1 (B1, C, *S), x2 (B2, C, *S) -> (B1, B2 (1 when
+        ``out.aligned``), *S_out[, *S_out]) in ``out``'s layout; written into the start of
+        ``buffer`` (1-D, the dtype and device of x1) when it is given and large enough.
+        """
+        a, b = self._patches(x1), self._patches(x2)        # (B, F, P_out)
+        a = a * (1.0 / a.shape[1])
+        n1, n2, s = a.shape[0], b.shape[0], tuple(out.spatial)
+        if out.aligned:
+            if out.full:
+                return torch.bmm(a.transpose(1, 2), b).reshape((n1, 1) + s + s)
+            return torch.einsum("bfp,bfp->bp", a, b).reshape((n1, 1) + s)
+        if not out.full:
+            k = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0))     # (P, B1, B2)
+            return k.permute(1, 2, 0).reshape((n1, n2) + s)
+        p = a.shape[2]
+        shape = (n1, n2, p, p)
+        target = None
+        if buffer is not None and buffer.numel() >= math.prod(shape):
+            target = buffer[:math.prod(shape)].view(shape)
+        k = torch.matmul(a.transpose(1, 2).unsqueeze(1), b.unsqueeze(0), out=target)
+        return k.reshape((n1, n2) + s + s)
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """(B, C, *S) -> (B, C · prod(kernel), P_out): each output position's window of the
+        zero-padded input."""
+        m = self.module
+        widths = [w for lo_hi in reversed(self.pads) for w in lo_hi]
+        v = F.pad(x, widths) if any(widths) else x
+        out = m.output_size(tuple(x.shape[2:]))
+        taps = []
+        for offset in itertools.product(*(range(k) for k in m.kernel_size)):
+            index = [slice(None), slice(None)]
+            for j, s, d, o in zip(offset, m.stride, m.dilation, out):
+                index.append(slice(j * d, j * d + s * (o - 1) + 1, s))
+            taps.append(v[tuple(index)])
+        return torch.stack(taps, 2).reshape(x.shape[0], -1, math.prod(out))
 
 
 def window_mean(v: Tensor, orient: Orientation, kernel: Tuple[int, ...],

@@ -1,13 +1,15 @@
-// CPU kernel of conv_pairs (csrc/conv_pairs.h): pairs in parallel; per pair the window mean is
-// taken axis by axis (height, then width) through a pair-local buffer, so each output entry
-// costs kh + kw additions instead of kh * kw, with unit-stride inner loops; the affine map and
-// the activation are applied to each output row as it is finished, in a few simple loops that
-// the compiler vectorises. On x86-64 CPUs with AVX2 the rows run in an AVX2 build of those loops
-// with SLEEF's vector asin (3.5-ulp; SLEEF ships in libtorch, found at run time);
-// elsewhere in the default build with std::asin.
+// CPU kernel of pair_chain (csrc/pair_chain.h): pairs in parallel, in chunks of a few pairs
+// that run through every step of the chain in thread-local buffers. Per pair a convolution's
+// window mean is taken axis by axis (height, then width), so each output entry costs kh + kw
+// additions instead of kh * kw, with unit-stride inner loops; the affine map and the activation
+// are applied to each output row as it is finished, in a few simple loops that the compiler
+// vectorises. On x86-64 CPUs with AVX2 the rows run in an AVX2 build of those loops with
+// SLEEF's vector asin (3.5-ulp; SLEEF ships in libtorch, found at run time); elsewhere in the
+// default build with std::asin.
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -21,7 +23,7 @@ extern "C" __m256 Sleef_asinf8_u35avx2(__m256) __attribute__((weak));
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../conv_pairs.h"
+#include "../pair_chain.h"
 
 namespace torch_ntk {
 namespace {
@@ -35,17 +37,19 @@ inline void tap_range(int64_t s, int64_t off, int64_t n, int64_t count, int64_t*
   *hi = std::max(*lo, std::min(b, count));
 }
 
+// What the last loops of a convolution step read: its affine map and activation.
 template <typename T>
-struct Args {
-  PairGeometry g;
-  const T* k;
-  const T* t;  // nullptr: the input NTK is zero
-  const T* s1;
-  const T* s2;
-  T* k_out;
-  T* t_out;  // nullptr: no NTK
+struct StepScalars {
   T w2, b2, slope, near;
+  int64_t taps;  // kh * kw
   PairAct act;
+  StepScalars(const PairStep& st)
+      : w2(static_cast<T>(st.w2)),
+        b2(static_cast<T>(st.b2)),
+        slope(static_cast<T>(st.slope)),
+        near(T(1) - T(8) * std::numeric_limits<T>::epsilon()),
+        taps(st.g.kh * st.g.kw),
+        act(st.act) {}
 };
 
 // The kernel works on chunks of up to Q pairs at once, interleaved: entry e of pair q of the
@@ -152,7 +156,7 @@ struct RowScratch {
 // y = asin(x). The operation order follows torch_ntk/infinite/rules/activations.py.
 template <typename T, typename AsinFn>
 __attribute__((always_inline)) inline void finish_impl(
-    const Args<T>& a, const T* __restrict__ mk, const T* __restrict__ mt,
+    const StepScalars<T>& a, const T* __restrict__ mk, const T* __restrict__ mt,
     const T* __restrict__ sa, const T* __restrict__ ia, const T* __restrict__ sb,
     const T* __restrict__ ib, int64_t n, T* __restrict__ ko, T* __restrict__ to,
     RowScratch<T>& r, AsinFn asin_fn) {
@@ -161,7 +165,7 @@ __attribute__((always_inline)) inline void finish_impl(
   T* __restrict__ tt = r.tt.data();
   T* __restrict__ rho = r.rho.data();
   T* __restrict__ as = r.as.data();
-  const T wk = a.w2 / T(a.g.kh * a.g.kw), b2 = a.b2, near = a.near;
+  const T wk = a.w2 / T(a.taps), b2 = a.b2, near = a.near;
   T* kdst = a.act == PairAct::None ? ko : kk;
   for (int64_t i = 0; i < n; ++i) kdst[i] = wk * mk[i] + b2;
   T* tdst = a.act == PairAct::None ? to : tt;
@@ -352,177 +356,17 @@ struct Avx2Ops {
 };
 #endif
 
-// Per-thread buffers of conv_pairs for chunks of up to q pairs.
+// Average pooling of q interleaved pairs' full arrays (h, w, h, w) -> (ho, wo, ho, wo), one axis
+// at a time: out[o, u, i] = mean_j in[o, s u + j, i] of the array seen as (outer, n, inner).
 template <typename T>
-struct PairScratch {
-  std::vector<T> in_k, in_t, tmp_k, tmp_t, out_k, out_t, block_k, block_t, sa, ia, sb, ib, sa_row,
-      ia_row;
-  RowScratch<T> rows;
-  PairScratch(const PairGeometry& g, bool with_t, int64_t q)
-      : in_k(g.in_pair() * q),
-        in_t(with_t ? g.in_pair() * q : 0),
-        tmp_k((g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w) * q),
-        tmp_t(with_t ? tmp_k.size() : 0),
-        out_k(g.out_pair() * q),
-        out_t(g.out_pair() * q),
-        block_k(g.ho * g.wo * q),
-        block_t(g.ho * g.wo * q),
-        sa(g.ho * g.wo * q),
-        ia(g.ho * g.wo * q),
-        sb(g.ho * g.wo * q),
-        ib(g.ho * g.wo * q),
-        sa_row(g.ho * g.wo * q),
-        ia_row(g.ho * g.wo * q),
-        rows(g.ho * g.wo * q) {}
-};
-
-// The pairs [p0, p0 + q) of a call, interleaved; Ops: DefaultOps or Avx2Ops.
-template <typename Ops, typename T>
-__attribute__((always_inline)) inline void run_chunk_impl(const Args<T>& a, const WidthTaps& taps,
-                                                          const T* inv1, const T* inv2,
-                                                          int64_t p0, int64_t q,
-                                                          PairScratch<T>& sc) {
-  auto asin_fn = [](const T* x, T* y, int64_t m) { Ops::asin(x, y, m); };
-  const PairGeometry& g = a.g;
-  const int64_t in_pair = g.in_pair(), out_pair = g.out_pair(), po = g.ho * g.wo;
-  const bool with_sides = a.act != PairAct::None;
-  const bool with_t = a.t != nullptr, ntk = a.t_out != nullptr;
-  Ops::interleave(a.k + p0 * in_pair, in_pair, q, in_pair, sc.in_k.data());
-  if (with_t) Ops::interleave(a.t + p0 * in_pair, in_pair, q, in_pair, sc.in_t.data());
-  if (with_sides)
-    for (int64_t e = 0; e < po; ++e)
-      for (int64_t r = 0; r < q; ++r) {
-        const int64_t i1 = (p0 + r) / g.b2, i2 = (p0 + r) % g.b2;
-        sc.sa[e * q + r] = a.s1[i1 * po + e];
-        sc.ia[e * q + r] = inv1[i1 * po + e];
-        sc.sb[e * q + r] = a.s2[i2 * po + e];
-        sc.ib[e * q + r] = inv2[i2 * po + e];
-      }
-  T* mt = with_t ? sc.block_t.data() : nullptr;
-  T* ot = ntk ? sc.out_t.data() : nullptr;
-  if (!g.full) {
-    window_diag(g, taps, sc.in_k.data(), sc.tmp_k.data(), sc.block_k.data(), q);
-    if (with_t) window_diag(g, taps, sc.in_t.data(), sc.tmp_t.data(), mt, q);
-    finish_impl(a, sc.block_k.data(), mt, sc.sa.data(), sc.ia.data(), sc.sb.data(),
-                sc.ib.data(), po * q, sc.out_k.data(), ot, sc.rows, asin_fn);
-  } else {
-    height_pass_full(g, sc.in_k.data(), sc.tmp_k.data(), q);
-    if (with_t) height_pass_full(g, sc.in_t.data(), sc.tmp_t.data(), q);
-    // One block per side-1 position (u1, v1): its entries (u2, v2) share that position's
-    // deviation, read side 2's in order.
-    for (int64_t u1 = 0; u1 < g.ho; ++u1)
-      for (int64_t v1 = 0; v1 < g.wo; ++v1) {
-        const int64_t e1 = u1 * g.wo + v1;
-        width_block_full(g, taps, sc.tmp_k.data(), u1, v1, sc.block_k.data(), q);
-        if (with_t) width_block_full(g, taps, sc.tmp_t.data(), u1, v1, mt, q);
-        if (with_sides)
-          for (int64_t e2 = 0; e2 < po; ++e2)
-            for (int64_t r = 0; r < q; ++r) {
-              sc.sa_row[e2 * q + r] = sc.sa[e1 * q + r];
-              sc.ia_row[e2 * q + r] = sc.ia[e1 * q + r];
-            }
-        finish_impl(a, sc.block_k.data(), mt, sc.sa_row.data(), sc.ia_row.data(),
-                    sc.sb.data(), sc.ib.data(), po * q, sc.out_k.data() + e1 * po * q,
-                    ntk ? ot + e1 * po * q : nullptr, sc.rows, asin_fn);
-      }
-  }
-  // Back to one pair after the other: read the chunk in order, write q streams.
-  Ops::deinterleave(sc.out_k.data(), q, out_pair, a.k_out + p0 * out_pair, out_pair);
-  if (ntk) Ops::deinterleave(ot, q, out_pair, a.t_out + p0 * out_pair, out_pair);
-}
-
-// Pairs [begin, end) in chunks of up to `chunk`.
-template <typename Ops, typename T>
-__attribute__((always_inline)) inline void run_pairs_impl(const Args<T>& a, const WidthTaps& taps,
-                                                          const T* inv1, const T* inv2,
-                                                          int64_t begin, int64_t end,
-                                                          PairScratch<T>& sc, int64_t chunk) {
-  for (int64_t p0 = begin; p0 < end; p0 += chunk)
-    run_chunk_impl<Ops>(a, taps, inv1, inv2, p0, std::min(chunk, end - p0), sc);
-}
-
-template <typename T>
-void run_pairs_default(const Args<T>& a, const WidthTaps& taps, const T* inv1, const T* inv2,
-                       int64_t begin, int64_t end, PairScratch<T>& sc, int64_t chunk) {
-  run_pairs_impl<DefaultOps>(a, taps, inv1, inv2, begin, end, sc, chunk);
-}
-
-#ifdef TORCH_NTK_X86
-template <typename T>
-__attribute__((target("avx2,fma"))) void run_pairs_avx2(const Args<T>& a, const WidthTaps& taps,
-                                                         const T* inv1, const T* inv2,
-                                                         int64_t begin, int64_t end,
-                                                         PairScratch<T>& sc, int64_t chunk) {
-  run_pairs_impl<Avx2Ops>(a, taps, inv1, inv2, begin, end, sc, chunk);
-}
-#endif
-
-template <typename T>
-void conv_pairs_kernel(const Args<T>& a) {
-  const PairGeometry& g = a.g;
-  const int64_t pairs = g.b1 * g.b2, po = g.ho * g.wo;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.out_pair()));
-  const bool with_sides = a.act != PairAct::None;
-  const WidthTaps taps(g);
-  const std::vector<T> inv1 = with_sides ? inverses(a.s1, g.b1 * po) : std::vector<T>();
-  const std::vector<T> inv2 = with_sides ? inverses(a.s2, g.b2 * po) : std::vector<T>();
-  // Chunks of pairs whose buffers stay within about 2 MB.
-  const int64_t chunk = std::max<int64_t>(
-      1, std::min<int64_t>(4, (1 << 15) / std::max<int64_t>(1, g.in_pair())));
-  at::parallel_for(0, pairs, std::max(grain, chunk), [&](int64_t begin, int64_t end) {
-    PairScratch<T> sc(g, a.t != nullptr, std::min(chunk, end - begin));
-    const int64_t q = std::min(chunk, end - begin);
-#ifdef TORCH_NTK_X86
-    if (use_avx2())
-      return run_pairs_avx2(a, taps, inv1.data(), inv2.data(), begin, end, sc, q);
-#endif
-    run_pairs_default(a, taps, inv1.data(), inv2.data(), begin, end, sc, q);
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> conv_pairs_cpu(
-    const at::Tensor& k, const c10::optional<at::Tensor>& t, const at::Tensor& s1,
-    const at::Tensor& s2, at::IntArrayRef kernel, at::IntArrayRef stride,
-    at::IntArrayRef dilation, at::IntArrayRef pad, at::IntArrayRef out_size, bool full, bool ntk,
-    double w2, double b2, c10::string_view act_name, double slope) {
-  const PairAct act = parse_pair_act(std::string(act_name));
-  const PairGeometry g =
-      check_conv_pairs(k, t, s1, s2, kernel, stride, dilation, pad, out_size, full, act);
-  const auto shape = conv_pairs_out_shape(k, out_size, full);
-  at::Tensor kc = k.contiguous();
-  at::Tensor tc = t.has_value() && ntk ? t->contiguous() : at::Tensor();
-  at::Tensor s1c = s1.contiguous(), s2c = s2.contiguous();
-  at::Tensor k_out = at::empty(shape, k.options());
-  at::Tensor t_out = ntk ? at::empty(shape, k.options()) : at::empty({0}, k.options());
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "conv_pairs_cpu", [&] {
-    Args<scalar_t> a;
-    a.g = g;
-    a.k = kc.data_ptr<scalar_t>();
-    a.t = tc.defined() ? tc.data_ptr<scalar_t>() : nullptr;
-    a.s1 = act != PairAct::None ? s1c.data_ptr<scalar_t>() : nullptr;
-    a.s2 = act != PairAct::None ? s2c.data_ptr<scalar_t>() : nullptr;
-    a.k_out = k_out.data_ptr<scalar_t>();
-    a.t_out = ntk ? t_out.data_ptr<scalar_t>() : nullptr;
-    a.w2 = static_cast<scalar_t>(w2);
-    a.b2 = static_cast<scalar_t>(b2);
-    a.slope = static_cast<scalar_t>(slope);
-    a.near = scalar_t(1) - scalar_t(8) * std::numeric_limits<scalar_t>::epsilon();
-    a.act = act;
-    conv_pairs_kernel(a);
-  });
-  return {k_out, t_out};
-}
-
-// out[o, u, i] = mean_j in[o, s u + j, i] over the window j < k (no padding): one axis of a
-// pair's array seen as (outer, n, inner) -> (outer, no, inner).
-template <typename T>
-void pool_axis(const T* in, int64_t outer, int64_t n, int64_t inner, int64_t k, int64_t s,
-               int64_t no, T* out) {
+__attribute__((always_inline)) inline void pool_axis(const T* __restrict__ in, int64_t outer,
+                                                     int64_t n, int64_t inner, int64_t k,
+                                                     int64_t s, int64_t no, T* __restrict__ out) {
   const T inv = T(1) / T(k);
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t u = 0; u < no; ++u) {
-      T* dst = out + (o * no + u) * inner;
-      const T* src = in + (o * n + s * u) * inner;
+      T* __restrict__ dst = out + (o * no + u) * inner;
+      const T* __restrict__ src = in + (o * n + s * u) * inner;
       for (int64_t i = 0; i < inner; ++i) dst[i] = src[i];
       for (int64_t j = 1; j < k; ++j)
         for (int64_t i = 0; i < inner; ++i) dst[i] += src[j * inner + i];
@@ -530,52 +374,227 @@ void pool_axis(const T* in, int64_t outer, int64_t n, int64_t inner, int64_t k, 
     }
 }
 
-// Average pooling of a pair's full array (h, w, h, w) -> (ho, wo, ho, wo), one axis at a time.
 template <typename T>
-void pool_pair(const PairGeometry& g, const T* in, T* buf_a, T* buf_b, T* out) {
+__attribute__((always_inline)) inline void pool_step(const PairGeometry& g, const T* in,
+                                                     T* buf_a, T* buf_b, T* out, int64_t q) {
   const int64_t h = g.h, w = g.w, ho = g.ho, wo = g.wo;
-  pool_axis(in, 1, h, w * h * w, g.kh, g.sh, ho, buf_a);               // (ho, w, h, w)
-  pool_axis(buf_a, ho * w, h, w, g.kh, g.sh, ho, buf_b);               // (ho, w, ho, w)
-  pool_axis(buf_b, ho, w, ho * w, g.kw, g.sw, wo, buf_a);              // (ho, wo, ho, w)
-  pool_axis(buf_a, ho * wo * ho, w, 1, g.kw, g.sw, wo, out);           // (ho, wo, ho, wo)
+  pool_axis(in, 1, h, w * h * w * q, g.kh, g.sh, ho, buf_a);           // (ho, w, h, w)
+  pool_axis(buf_a, ho * w, h, w * q, g.kh, g.sh, ho, buf_b);           // (ho, w, ho, w)
+  pool_axis(buf_b, ho, w, ho * w * q, g.kw, g.sw, wo, buf_a);          // (ho, wo, ho, w)
+  pool_axis(buf_a, ho * wo * ho, w, q, g.kw, g.sw, wo, out);           // (ho, wo, ho, wo)
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_pairs_cpu(const at::Tensor& k,
-                                                  const c10::optional<at::Tensor>& t,
-                                                  at::IntArrayRef kernel, at::IntArrayRef stride,
-                                                  at::IntArrayRef out_size) {
-  const std::vector<int64_t> ones(kernel.size(), 1), zeros(kernel.size(), 0);
-  const PairGeometry g = check_conv_pairs(k, t, k, k, kernel, stride, ones, zeros, out_size,
-                                          /*full=*/true, PairAct::None);
-  const auto shape = conv_pairs_out_shape(k, out_size, true);
-  at::Tensor kc = k.contiguous();
-  at::Tensor tc = t.has_value() ? t->contiguous() : at::Tensor();
-  at::Tensor k_out = at::empty(shape, k.options());
-  at::Tensor t_out = tc.defined() ? at::empty(shape, k.options()) : at::empty({0}, k.options());
-  const int64_t pairs = g.b1 * g.b2, in_pair = g.in_pair(), out_pair = g.out_pair();
-  const int64_t buf = g.ho * g.w * g.h * g.w;
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "pool_pairs_cpu", [&] {
-    const scalar_t* kin = kc.data_ptr<scalar_t>();
-    const scalar_t* tin = tc.defined() ? tc.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ko = k_out.data_ptr<scalar_t>();
-    scalar_t* to = tc.defined() ? t_out.data_ptr<scalar_t>() : nullptr;
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_pair));
-    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> a(buf), b(buf);
-      for (int64_t p = begin; p < end; ++p) {
-        pool_pair(g, kin + p * in_pair, a.data(), b.data(), ko + p * out_pair);
-        if (tin) pool_pair(g, tin + p * in_pair, a.data(), b.data(), to + p * out_pair);
+// A chain's steps and per-call data, shared by the threads.
+template <typename T>
+struct ChainArgs {
+  const PairChain& c;
+  const T* k;
+  const T* t;  // nullptr: the input NTK is zero
+  T* k_out;
+  T* t_out;    // nullptr: no NTK
+  std::vector<StepScalars<T>> scalars;
+  std::vector<WidthTaps> taps;
+  std::vector<const T*> s1, s2;         // per activation
+  std::vector<std::vector<T>> inv1, inv2;
+  int64_t entries = 0, tmp = 0, block = 0, pool = 0;  // buffer sizes per pair
+};
+
+// Per-thread buffers for chunks of up to q pairs.
+template <typename T>
+struct ChainScratch {
+  std::vector<T> a_k, a_t, b_k, b_t, tmp_k, tmp_t, block_k, block_t, pool_a, pool_b, sa, ia, sb,
+      ib, sa_row, ia_row;
+  RowScratch<T> rows;
+  ChainScratch(const ChainArgs<T>& a, int64_t q)
+      : a_k(a.entries * q), a_t(a.t_out ? a.entries * q : 0), b_k(a.entries * q),
+        b_t(a.t_out ? a.entries * q : 0), tmp_k(a.tmp * q), tmp_t(a.t_out ? a.tmp * q : 0),
+        block_k(a.block * q), block_t(a.block * q), pool_a(a.pool * q), pool_b(a.pool * q),
+        sa(a.block * q), ia(a.block * q), sb(a.block * q), ib(a.block * q),
+        sa_row(a.block * q), ia_row(a.block * q), rows(a.block * q) {}
+};
+
+// One convolution step of the pairs [p0, p0 + q), interleaved, from (in_k, in_t) to
+// (out_k, out_t); in_t nullptr is a zero NTK, out_t nullptr no NTK.
+template <typename Ops, typename T>
+__attribute__((always_inline)) inline void conv_step(const ChainArgs<T>& a, int64_t s, int64_t p0,
+                                                     int64_t q, const T* in_k, const T* in_t,
+                                                     T* out_k, T* out_t, ChainScratch<T>& sc) {
+  auto asin_fn = [](const T* x, T* y, int64_t m) { Ops::asin(x, y, m); };
+  const PairStep& st = a.c.steps[s];
+  const PairGeometry& g = st.g;
+  const StepScalars<T>& sv = a.scalars[s];
+  const WidthTaps& taps = a.taps[s];
+  const int64_t po = g.ho * g.wo, b2 = g.b2;
+  const bool with_sides = st.side >= 0, pointwise = st.pointwise();
+  if (!out_t) in_t = nullptr;
+  if (with_sides) {
+    const T *s1 = a.s1[st.side], *s2 = a.s2[st.side];
+    const T *inv1 = a.inv1[st.side].data(), *inv2 = a.inv2[st.side].data();
+    for (int64_t e = 0; e < po; ++e)
+      for (int64_t r = 0; r < q; ++r) {
+        const int64_t i1 = (p0 + r) / b2, i2 = (p0 + r) % b2;
+        sc.sa[e * q + r] = s1[i1 * po + e];
+        sc.ia[e * q + r] = inv1[i1 * po + e];
+        sc.sb[e * q + r] = s2[i2 * po + e];
+        sc.ib[e * q + r] = inv2[i2 * po + e];
       }
-    });
+  }
+  T* mt = in_t ? sc.block_t.data() : nullptr;
+  if (!g.full) {
+    const T *mk = in_k, *mte = in_t;
+    if (!pointwise) {
+      window_diag(g, taps, in_k, sc.tmp_k.data(), sc.block_k.data(), q);
+      if (in_t) window_diag(g, taps, in_t, sc.tmp_t.data(), mt, q);
+      mk = sc.block_k.data();
+      mte = mt;
+    }
+    finish_impl(sv, mk, mte, sc.sa.data(), sc.ia.data(), sc.sb.data(), sc.ib.data(), po * q,
+                out_k, out_t, sc.rows, asin_fn);
+    return;
+  }
+  if (!pointwise) {
+    height_pass_full(g, in_k, sc.tmp_k.data(), q);
+    if (in_t) height_pass_full(g, in_t, sc.tmp_t.data(), q);
+  }
+  // One block per side-1 position (u1, v1): its entries (u2, v2) share that position's
+  // deviation, read side 2's in order.
+  for (int64_t u1 = 0; u1 < g.ho; ++u1)
+    for (int64_t v1 = 0; v1 < g.wo; ++v1) {
+      const int64_t e1 = u1 * g.wo + v1;
+      const T* mk = in_k + e1 * po * q;
+      const T* mte = in_t ? in_t + e1 * po * q : nullptr;
+      if (!pointwise) {
+        width_block_full(g, taps, sc.tmp_k.data(), u1, v1, sc.block_k.data(), q);
+        if (in_t) width_block_full(g, taps, sc.tmp_t.data(), u1, v1, mt, q);
+        mk = sc.block_k.data();
+        mte = mt;
+      }
+      if (with_sides)
+        for (int64_t e2 = 0; e2 < po; ++e2)
+          for (int64_t r = 0; r < q; ++r) {
+            sc.sa_row[e2 * q + r] = sc.sa[e1 * q + r];
+            sc.ia_row[e2 * q + r] = sc.ia[e1 * q + r];
+          }
+      finish_impl(sv, mk, mte, sc.sa_row.data(), sc.ia_row.data(), sc.sb.data(), sc.ib.data(),
+                  po * q, out_k + e1 * po * q, out_t ? out_t + e1 * po * q : nullptr, sc.rows,
+                  asin_fn);
+    }
+}
+
+// The pairs [p0, p0 + q) through the whole chain; Ops: DefaultOps or Avx2Ops.
+template <typename Ops, typename T>
+__attribute__((always_inline)) inline void run_chunk_impl(const ChainArgs<T>& a, int64_t p0,
+                                                          int64_t q, ChainScratch<T>& sc) {
+  const int64_t in_pair = a.c.in_pair(), out_pair = a.c.out_pair();
+  const bool ntk = a.t_out != nullptr;
+  T *in_k = sc.a_k.data(), *in_t = sc.a_t.data(), *out_k = sc.b_k.data(), *out_t = sc.b_t.data();
+  Ops::interleave(a.k + p0 * in_pair, in_pair, q, in_pair, in_k);
+  bool with_t = ntk && a.t != nullptr;  // in_t holds an NTK (else it is zero)
+  if (with_t) Ops::interleave(a.t + p0 * in_pair, in_pair, q, in_pair, in_t);
+  for (int64_t s = 0; s < static_cast<int64_t>(a.c.steps.size()); ++s) {
+    const PairStep& st = a.c.steps[s];
+    if (st.kind == StepKind::Conv) {
+      conv_step<Ops>(a, s, p0, q, in_k, with_t ? in_t : nullptr, out_k, ntk ? out_t : nullptr,
+                     sc);
+      with_t = ntk;
+    } else {
+      pool_step(st.g, in_k, sc.pool_a.data(), sc.pool_b.data(), out_k, q);
+      if (with_t) pool_step(st.g, in_t, sc.pool_a.data(), sc.pool_b.data(), out_t, q);
+    }
+    std::swap(in_k, out_k);
+    std::swap(in_t, out_t);
+  }
+  // Back to one pair after the other: read the chunk in order, write q streams.
+  Ops::deinterleave(in_k, q, out_pair, a.k_out + p0 * out_pair, out_pair);
+  if (ntk && with_t) Ops::deinterleave(in_t, q, out_pair, a.t_out + p0 * out_pair, out_pair);
+  if (ntk && !with_t) std::fill(a.t_out + p0 * out_pair, a.t_out + (p0 + q) * out_pair, T(0));
+}
+
+// Pairs [begin, end) in chunks of up to `chunk`.
+template <typename Ops, typename T>
+__attribute__((always_inline)) inline void run_pairs_impl(const ChainArgs<T>& a, int64_t begin,
+                                                          int64_t end, int64_t chunk) {
+  ChainScratch<T> sc(a, chunk);
+  for (int64_t p0 = begin; p0 < end; p0 += chunk)
+    run_chunk_impl<Ops>(a, p0, std::min(chunk, end - p0), sc);
+}
+
+template <typename T>
+void run_pairs_default(const ChainArgs<T>& a, int64_t begin, int64_t end, int64_t chunk) {
+  run_pairs_impl<DefaultOps>(a, begin, end, chunk);
+}
+
+#ifdef TORCH_NTK_X86
+template <typename T>
+__attribute__((target("avx2,fma"))) void run_pairs_avx2(const ChainArgs<T>& a, int64_t begin,
+                                                         int64_t end, int64_t chunk) {
+  run_pairs_impl<Avx2Ops>(a, begin, end, chunk);
+}
+#endif
+
+template <typename T>
+void pair_chain_kernel(ChainArgs<T>& a, const std::vector<at::Tensor>& s1,
+                       const std::vector<at::Tensor>& s2) {
+  const PairChain& c = a.c;
+  const int64_t pairs = c.steps.front().g.b1 * c.steps.front().g.b2;
+  for (const PairStep& st : c.steps) {
+    const PairGeometry& g = st.g;
+    a.scalars.emplace_back(st);
+    a.taps.emplace_back(g);
+    a.entries = std::max({a.entries, g.in_pair(), g.out_pair()});
+    a.block = std::max(a.block, g.ho * g.wo);
+    if (st.kind == StepKind::Conv)
+      a.tmp = std::max(a.tmp, g.full ? g.ho * g.w * g.ho * g.w : g.ho * g.w);
+    else
+      a.pool = std::max(a.pool, g.ho * g.w * g.h * g.w);
+  }
+  for (size_t i = 0; i < s1.size(); ++i) {
+    a.s1.push_back(s1[i].data_ptr<T>());
+    a.s2.push_back(s2[i].data_ptr<T>());
+    a.inv1.push_back(inverses(a.s1.back(), s1[i].numel()));
+    a.inv2.push_back(inverses(a.s2.back(), s2[i].numel()));
+  }
+  // Chunks of pairs whose buffers stay within a few hundred KB.
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min<int64_t>(4, (1 << 15) / std::max<int64_t>(1, a.entries)));
+  const int64_t grain = std::max<int64_t>(chunk, 16384 / std::max<int64_t>(1, a.entries));
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    const int64_t q = std::min(chunk, end - begin);
+#ifdef TORCH_NTK_X86
+    if (use_avx2()) return run_pairs_avx2(a, begin, end, q);
+#endif
+    run_pairs_default(a, begin, end, q);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_chain_cpu(const at::Tensor& k,
+                                                  const c10::optional<at::Tensor>& t,
+                                                  at::TensorList s1, at::TensorList s2,
+                                                  at::IntArrayRef steps,
+                                                  at::ArrayRef<double> scales, bool full,
+                                                  bool ntk) {
+  const PairChain c = check_pair_chain(k, t, s1, s2, steps, scales, full);
+  at::Tensor kc = k.contiguous();
+  at::Tensor tc = t.has_value() && ntk ? t->contiguous() : at::Tensor();
+  std::vector<at::Tensor> s1c, s2c;
+  for (const auto& s : s1) s1c.push_back(s.contiguous());
+  for (const auto& s : s2) s2c.push_back(s.contiguous());
+  at::Tensor k_out = at::empty(c.out_shape, k.options());
+  at::Tensor t_out = ntk ? at::empty(c.out_shape, k.options()) : at::empty({0}, k.options());
+  if (k_out.numel() == 0) return {k_out, t_out};
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "pair_chain_cpu", [&] {
+    ChainArgs<scalar_t> a{c,
+                          kc.data_ptr<scalar_t>(),
+                          tc.defined() ? tc.data_ptr<scalar_t>() : nullptr,
+                          k_out.data_ptr<scalar_t>(),
+                          ntk ? t_out.data_ptr<scalar_t>() : nullptr};
+    pair_chain_kernel(a, s1c, s2c);
   });
   return {k_out, t_out};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_ntk, CPU, m) {
-  m.impl("conv_pairs", &conv_pairs_cpu);
-  m.impl("pool_pairs", &pool_pairs_cpu);
-}
+TORCH_LIBRARY_IMPL(torch_ntk, CPU, m) { m.impl("pair_chain", &pair_chain_cpu); }
 
 }  // namespace torch_ntk

@@ -8,9 +8,9 @@ the third, global average pooling and a dense layer, on 8×8×1 inputs; float64,
 NTK. Every layer keeps all pairs of positions (pooling follows), so a pair of inputs carries
 64² entries through the first two layers.
 
-- torch_ntk: ``analytic_ntk(model, x)`` with the native core (``conv_pairs`` fused with the
-  activation, ``pool_pairs``) and with it switched off (the pure-torch rules), each in its own
-  process; the median of the repeats after a first call. At ``--memory-n`` inputs (the kernel
+- torch_ntk: ``analytic_ntk(model, x)`` with the native core (the whole network but the
+  dense layer is one ``pair_chain`` per tile) and with it switched off (the pure-torch rules),
+  each in its own process; the median of the repeats after a first call. At ``--memory-n`` inputs (the kernel
   alone is N²·8 bytes) the peak resident memory of one call.
 - neural-tangents 0.6.5 (``--nt-python``, the environment of bench_neural_tangents.py's
   docstring): ``jax.jit(kernel_fn)`` and ``nt.batch(kernel_fn, batch_size)`` for a few batch

@@ -30,10 +30,11 @@ from torch_ntk.native import pairs
 _CPU_TILE = 181
 _CUDA_TILE = 4096
 _GRAIN = 32768
-# Entries of one pair tensor of a tile. CPU: tiles of 11 x 11 pairs of 64² entries were the
-# fastest on a Myrtle-style network (4 MB tensors stay in cache; fewer pairs on diagonal
-# tiles are computed twice), 16 x 16 and 8 x 8 ~10 % slower, 22 x 22 ~40 %.
-_TILE_ENTRIES = {"cpu": 1 << 19, "other": 1 << 26}
+# Entries of one pair tensor of a tile. CPU: on a Myrtle-style network (64² entries per pair,
+# the whole network one native chain) tiles of 16 x 16 and 22 x 22 pairs were the fastest,
+# 11 x 11 ~6 % slower (more calls), 8 x 8 ~15 %, 32 x 32 ~6 % (pairs below the diagonal
+# computed twice).
+_TILE_ENTRIES = {"cpu": 1 << 20, "other": 1 << 26}
 _SELF_CHUNK = 256
 
 

@@ -333,6 +333,29 @@ def test_dependent_branches_are_refused():
     _raises(SelfGate(), torch.randn(3, 3), "covariance doesn't vanish")
 
 
+def test_integer_constants_are_constants():
+    """The 1 of torch.flatten(x, 1), an int factor and an int shift are constants, never read
+    as the network's value number 1 or 2."""
+    class Net(nn.Module):
+        def __init__(self, factor, shift=None):
+            super().__init__()
+            self.conv = torch_ntk.NTKConv2d(2, 3, 3, padding="same")
+            self.fc = torch_ntk.NTKLinear(3 * 16, 1, w_std=1.0)
+            self.factor, self.shift = factor, shift
+
+        def forward(self, x):
+            h = self.factor * torch.relu(self.conv(x))
+            return self.fc(torch.flatten(h if self.shift is None else h + self.shift, 1))
+
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    plain = nn.Sequential(torch_ntk.NTKConv2d(2, 3, 3, padding="same"), nn.ReLU(), nn.Flatten(),
+                          torch_ntk.NTKLinear(3 * 16, 1, w_std=1.0))
+    assert _rel(torch_ntk.analytic_ntk(Net(1), x), torch_ntk.analytic_ntk(plain, x)) < 1e-15
+    assert _rel(torch_ntk.analytic_ntk(Net(2), x), 4 * torch_ntk.analytic_ntk(plain, x)) < 1e-14
+    for shift in (0, 1, 2):
+        _raises(Net(1, shift), x, "no infinite-width rule")
+
+
 def test_layernorm_needs_a_centred_input():
     net = nn.Sequential(torch_ntk.NTKLinear(3, 4, w_std=1.0), nn.ReLU(),
                         nn.LayerNorm(4, elementwise_affine=False), torch_ntk.NTKLinear(4, 1))
@@ -567,3 +590,44 @@ def test_hooks_and_parametrisations_are_refused():
     _raises(net, x, "parametrised")
     parametrize.remove_parametrizations(net[0], "weight")
     assert torch_ntk.analytic_ntk(net, x).shape == (3, 3)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_functional_pooling_equals_the_modules(dims):
+    conv = torch_ntk.NTKConv2d if dims == 2 else torch_ntk.NTKConv1d
+    pool = F.avg_pool2d if dims == 2 else F.avg_pool1d
+    gap = F.adaptive_avg_pool2d if dims == 2 else F.adaptive_avg_pool1d
+    window = (2, 1) if dims == 2 else 2
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv(2, 3, 3, padding="same")
+            self.b = conv(3, 3, 2)
+            self.fc = torch_ntk.NTKLinear(3, 1, w_std=1.0)
+
+        def forward(self, x):
+            h = torch.relu(self.b(pool(torch.relu(self.a(x)), window, stride=1)))
+            return self.fc(gap(h, 1).flatten(1))
+
+    class Modules(Functional):
+        def __init__(self):
+            super().__init__()
+            self.pool = (nn.AvgPool2d if dims == 2 else nn.AvgPool1d)(window, stride=1)
+            self.gap = (nn.AdaptiveAvgPool2d if dims == 2 else nn.AdaptiveAvgPool1d)(1)
+
+        def forward(self, x):
+            h = torch.relu(self.b(self.pool(torch.relu(self.a(x)))))
+            return self.fc(torch.flatten(self.gap(h), 1))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, *((5, 5) if dims == 2 else (7,)), dtype=torch.float64)
+    got = torch_ntk.analytic_ntk(Functional(), x, get=("nngp", "ntk"))
+    ref = torch_ntk.analytic_ntk(Modules(), x, get=("nngp", "ntk"))
+    assert _rel(got.ntk, ref.ntk) < 1e-15 and _rel(got.nngp, ref.nngp) < 1e-15
+
+    class Padded(Functional):
+        def forward(self, x):
+            return self.fc(gap(pool(self.a(x), 2, padding=1), 1).flatten(1))
+
+    _raises(Padded(), x, f"avg_pool{dims}d.*no infinite-width rule")

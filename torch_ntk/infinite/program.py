@@ -103,7 +103,8 @@ def trace(model: nn.Module) -> Program:
             raise ValueError(f"analytic_ntk: the forward reads the tensor {fx_node.target!r} "
                              f"directly; only the layers' own use of their parameters is "
                              f"supported. {registry.SUPPORTED}.")
-        args = [index.get(a, a) if isinstance(a, torch.fx.Node) else a for a in fx_node.args]
+        args = [_Ref(index[a]) if isinstance(a, torch.fx.Node) and a in index else a
+                for a in fx_node.args]
         for a in fx_node.args:
             if isinstance(a, torch.fx.Node) and a not in index:
                 raise ValueError(f"analytic_ntk: {fx_node.format_node()} uses {a.name}, "
@@ -123,20 +124,20 @@ def trace(model: nn.Module) -> Program:
             chain = registry.module_rules(module, label)
             if chain is None:
                 raise ValueError(registry.unsupported(module, fx_node.target))
-            operands = [a for a in args if isinstance(a, int)]
+            operands = [int(a) for a in args if isinstance(a, _Ref)]
             if len(operands) != 1 or len(args) != 1 or fx_node.kwargs:
                 raise ValueError(f"analytic_ntk: the module {label} is called with "
                                  f"{len(args)} arguments; layers take one tensor.")
         else:
             label = f"{fx_node.name} ({_describe(fx_node.target)})"
             chain = registry.function_rules(fx_node.target, args, fx_node.kwargs, label,
-                                            lambda a: isinstance(a, int))
+                                            lambda a: isinstance(a, _Ref))
             if chain is None:
                 raise ValueError(
                     f"analytic_ntk: the operation {fx_node.format_node()} in "
                     f"{type(model).__name__}.forward has no infinite-width rule. "
                     f"Supported: {registry.SUPPORTED}.")
-            operands = [a for a in args if isinstance(a, int)]
+            operands = [int(a) for a in args if isinstance(a, _Ref)]
         at = operands
         for rule in chain:
             at = [_append(nodes, rule, at, label)]
@@ -274,6 +275,11 @@ def _check_untouched(model: nn.Module) -> None:
             raise ValueError(f"analytic_ntk: the module {label} ({type(m).__name__}) is "
                              f"parametrised; its weights are no longer the N(0, 1) of the NTK "
                              f"parameterisation. Use torch_ntk.monte_carlo_ntk for it.")
+
+
+class _Ref(int):
+    """A network value among an operation's arguments: its node's index (an int constant such
+    as the 1 of ``torch.flatten(x, 1)`` stays an int)."""
 
 
 def _append(nodes: List[Node], rule: Rule, inputs: List[int], label: str) -> int:

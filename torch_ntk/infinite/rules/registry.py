@@ -22,9 +22,10 @@ from torch_ntk.infinite.rules.structure import Add, Flatten, Identity, Scale
 SUPPORTED = ("NTKLinear, NTKConv1d, NTKConv2d, NTKMLP (NTK parameterisation); nn.ReLU, "
              "nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.Identity, "
              "torch_ntk.Erf and their functional forms; nn.AvgPool1d/2d (padding 0), "
-             "nn.AdaptiveAvgPool1d/2d(1), x.mean(spatial axes), nn.Flatten, torch.flatten(x, 1), "
-             "nn.LayerNorm without affine parameters over all non-batch axes, nn.Dropout, "
-             "nn.Sequential, sums of branches (x + block(x)) and constant factors")
+             "nn.AdaptiveAvgPool1d/2d(1) and their functional forms, x.mean(spatial axes), "
+             "nn.Flatten, torch.flatten(x, 1), nn.LayerNorm without affine parameters over all "
+             "non-batch axes, nn.Dropout, nn.Sequential, sums of branches (x + block(x)) and "
+             "constant factors")
 
 _HINTS = {nn.Linear: "use torch_ntk.NTKLinear(in, out, w_std=..., b_std=...)",
           nn.Conv1d: "use torch_ntk.NTKConv1d (the NTK parameterisation)",
@@ -159,6 +160,23 @@ def function_rules(target: Any, args: Sequence[Any], kwargs: dict, label: str,
         start = rest[0] if rest else kw.get("start_dim", 0)
         end = rest[1] if len(rest) > 1 else kw.get("end_dim", -1)
         return [Flatten(label)] if (start, end) == (1, -1) else None
+    if name in ("avg_pool1d", "avg_pool2d"):
+        dims = int(name[-2])
+        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override")
+        a = dict(zip(names, rest), **kw)
+        pad = _ints(a.get("padding", 0), dims)
+        if (any(pad) or a.get("ceil_mode", False) or a.get("divisor_override") is not None
+                or "kernel_size" not in a):
+            return None
+        kernel = _ints(a["kernel_size"], dims)
+        stride = a.get("stride")
+        stride = kernel if stride is None or stride == [] else _ints(stride, dims)
+        return [AvgPool(kernel, stride, label)]
+    if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+        dims = int(name[-2])
+        size = rest[0] if rest else kw.get("output_size")
+        return [GlobalAvgPool(label, keep=True)] if _ints(size, dims) == (1,) * dims else None
     if name == "mean":
         dims = rest[0] if rest else kw.get("dim")
         keep = rest[1] if len(rest) > 1 else kw.get("keepdim", False)

@@ -110,7 +110,7 @@ setup(
     extras_require={
         "demo": ["matplotlib", "tqdm", "scikit-learn", "scipy"],
         "test": ["pytest", "scipy", "hypothesis", "matplotlib", "tqdm", "scikit-learn",
-                 "torchdiffeq"],
+                 "torchdiffeq", "transformers", "timm"],
         "ode": ["torchdiffeq"],
     },
     ext_modules=ext_modules,

@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 MODES = ("full", "trace", "diagonal")
+# What empirical_ntk takes besides: the pseudo-NTK, (1/K) Σ_ab Θ_ab, computed as the trace of
+# the single output Σ_a f_a / sqrt(K).
+USER_MODES = MODES + ("pntk",)
 
 
 def kernel_shape(n1: int, n2: int, k: int, mode: str) -> tuple[int, ...]:

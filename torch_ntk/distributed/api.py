@@ -24,8 +24,8 @@ _TILES_PER_RANK = 4                              # at least this many tiles per 
 _ANALYTIC_BLOCK = {"cpu": 2048, "other": 8192}   # largest analytic tile side by default
 
 
-def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
-                  mode: str = "full", method: str = "auto", batch_size: int | None = None,
+def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: str = "auto",
+                  batch_size: int | None = None, output=None, params=None,
                   path: str | os.PathLike | None = None, group=None) -> Tensor:
     """``torch_ntk.empirical_ntk`` computed by every rank of a process group together.
 
@@ -35,8 +35,10 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     computes its run on the inputs' device.
 
     Args:
-        model (nn.Module), x1 (Tensor[N1, *in_shape]), x2 (Tensor[N2, *in_shape], optional),
-            mode (str), method (str): as for ``torch_ntk.empirical_ntk``.
+        model (nn.Module), x1 (Tensor[N1, *in_shape], tuple or dict), x2 (like x1, optional),
+            mode (str), method (str), output (callable), params: as for
+            ``torch_ntk.empirical_ntk`` (``params`` as names or None: a callable can't be
+            compared between ranks).
         batch_size (int, optional): tile side. ``None``: the single-process default, made
             smaller where needed so that each rank gets at least 4 tiles.
         path (str or os.PathLike, optional): ``None`` -> every rank returns the whole kernel
@@ -66,15 +68,22 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     comm = Comm(_EMPIRICAL, group, _device_of(x1))
     error, paths = None, None
     try:
-        plan = KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size)
+        if callable(params):
+            raise ValueError(f"{_EMPIRICAL}: params must be None or parameter names here (the "
+                             f"ranks compare them); got a callable. Pass "
+                             f"[n for n, p in model.named_parameters() if pick(n, p)].")
+        params = None if params is None else sorted(params)
+        plan = KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size,
+                          params=params, output=output)
         paths = None if path is None else store.field_paths(_EMPIRICAL, path, None)
     except Exception as exc:  # every rank must reach the same collectives
         error = exc
     comm.agree(error, "checking the arguments")
-    digests = {"weights": fingerprint.model_digest(model), "x1": fingerprint.tensor_digest(x1),
-               "x2": "0" * 64 if x2 is None else fingerprint.tensor_digest(x2),
+    digests = {"weights": fingerprint.model_digest(model), "x1": fingerprint.inputs_digest(x1),
+               "x2": "0" * 64 if x2 is None else fingerprint.inputs_digest(x2),
                "options": fingerprint.options_digest(dict(
-                   mode=mode, method=method, batch_size=batch_size, path=_name(path)))}
+                   mode=mode, method=method, batch_size=batch_size, path=_name(path),
+                   params=params, output=None if output is None else _describe(output)))}
     _check_same(comm, digests, _EMPIRICAL)
     with contextlib.ExitStack() as stack:
         plan = _enter(comm, stack, plan)
@@ -84,7 +93,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
             if size != plan.rows[0].stop - plan.rows[0].start:
                 stack.close()
                 plan = _enter(comm, stack, KernelPlan(model, x1, x2, mode=mode, method=method,
-                                                      batch_size=size))
+                                                      batch_size=size, params=params,
+                                                      output=output))
         out = _run(comm, _PlanJob(plan), paths, digests, _EMPIRICAL)
     return out[None]
 
@@ -430,7 +440,17 @@ def _base_of(paths: dict) -> str:
 
 
 def _device_of(x) -> torch.device:
+    if isinstance(x, (tuple, list, dict)):
+        tensors = [v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, Tensor)]
+        return tensors[0].device if tensors else torch.device("cpu")
     return x.device if isinstance(x, Tensor) else torch.device("cpu")
+
+
+def _describe(fn) -> str:
+    """A callable as the ranks can compare it: its qualified name and code's location."""
+    code = getattr(fn, "__code__", None)
+    where = "" if code is None else f"@{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}{where}"
 
 
 def _name(path) -> Optional[str]:

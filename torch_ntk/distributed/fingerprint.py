@@ -45,6 +45,18 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def inputs_digest(x) -> str:
+    """Hex digest of an input: a tensor, or a tuple or dict of tensors and other values."""
+    if isinstance(x, Tensor):
+        return tensor_digest(x)
+    items = sorted(x.items()) if isinstance(x, dict) else list(enumerate(x))
+    h = hashlib.sha256(type(x).__name__.encode())
+    for key, v in items:
+        part = tensor_digest(v) if isinstance(v, Tensor) else repr(v)
+        h.update(f"{key!r}={part};".encode())
+    return h.hexdigest()
+
+
 def options_digest(options: dict) -> str:
     """Digest of a JSON-able dict of options."""
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_ntk import _modes
-from torch_ntk.empirical import checks, state, verify
+from torch_ntk.empirical import checks, inputs, state, verify
 from torch_ntk.empirical.factors import Factors
 from torch_ntk.empirical.jacobian import JacobianNTK
 from torch_ntk.empirical.structured import StructureChanged, StructuredNTK, blocking_modules
@@ -26,9 +26,9 @@ _STRUCTURED_SHARE = 0.5
 _REPAIRS = 8     # failed checks a call may answer by isolating layers before it takes the Jacobian
 
 
-def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
-                  mode: str = "full", method: str = "auto", batch_size: int | None = None,
-                  out: Tensor | None = None, params=None) -> Tensor:
+def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: str = "auto",
+                  batch_size: int | None = None, out=None, output=None, params=None,
+                  by_layer: bool = False):
     """Empirical NTK Θ(x, x') = Σ_p ∂f(x)/∂θ_p · ∂f(x')/∂θ_p at the current parameters.
 
     The sum runs over every parameter with ``requires_grad=True`` (or those ``params`` picks);
@@ -38,25 +38,38 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     Args:
         model (nn.Module): samples in a batch must not interact (e.g. no BatchNorm in train
             mode). Its parameters, buffers, gradients and ``training`` flag are left as they were.
-        x1 (Tensor[N1, *in_shape]): first batch, on the model's device.
-        x2 (Tensor[N2, *in_shape], optional): second batch; ``None`` reuses x1 and computes
-            only the tiles on or above the diagonal.
+        x1 (Tensor[N1, *in_shape], tuple or dict): first batch, on the model's device; a tuple
+            of tensors is passed as ``model(*x1)``, a dict as ``model(**x1)`` (every tensor in
+            it batch-first with the same N1; other values passed as they are).
+        x2 (like x1, optional): second batch; ``None`` reuses x1 and computes only the tiles on
+            or above the diagonal.
         mode (str): ``"full"`` -> Tensor[N1, N2, K, K] with ``k[n, m, a, b] = Θ(x1[n], x2[m])_ab``,
-            ``"trace"`` -> Tensor[N1, N2] (``Σ_a Θ_aa``), ``"diagonal"`` -> Tensor[N1, N2, K].
+            ``"trace"`` -> Tensor[N1, N2] (``Σ_a Θ_aa``), ``"diagonal"`` -> Tensor[N1, N2, K],
+            ``"pntk"`` -> Tensor[N1, N2] (``(1/K) Σ_ab Θ_ab``, the pseudo-NTK: the NTK of
+            ``Σ_a f_a / sqrt(K)``, at the cost of one output).
         method (str): ``"structured"`` (layer-factorised Grams, never forms the Jacobian),
             ``"jacobian"`` (torch.func reference, any model) or ``"auto"`` (structured when the
             model has a Linear/Conv layer with trainable parameters, else jacobian).
         batch_size (int, optional): inputs of each side processed at once (memory tiling);
             chosen from the model's size when ``None``. The result doesn't depend on it.
         out (Tensor, optional): preallocated result of the shape above and the model's dtype,
-            on any device (e.g. host memory while computing on a GPU); filled and returned.
+            on any device (e.g. host memory while computing on a GPU); filled and returned
+            (with ``by_layer``, a dict of such tensors by module name, or None).
+        output (callable, optional): applied to what the model returns, gives the (N, ...)
+            tensor whose kernel is taken, e.g. ``lambda o: o.logits[:, -1]``. Without it the
+            model returns a tensor, or a tuple/dict whose tensors (all batch-first) are taken,
+            flattened per sample and concatenated.
         params (optional): the parameters the kernel sums over: ``None`` (every one with
             ``requires_grad``), an iterable of names (as in ``named_parameters()``) or a
             callable ``(name, param) -> bool``, e.g. LoRA adapters or the head only. The
             others are constants; no ``requires_grad`` flag is changed.
+        by_layer (bool): return ``{module name: kernel over that module's own parameters}``
+            (names as in ``named_modules()``, ``""`` for the root's own), which sum to the
+            kernel; one computation per module.
 
     Returns:
         Tensor: shape as listed under ``mode``; the model's dtype, on x1's device (or ``out``).
+        A dict of them with ``by_layer``.
 
     Raises:
         TypeError: ``model``, ``x1``, ``x2``, ``out`` or the model output of the wrong kind.
@@ -67,8 +80,12 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         >>> torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randn(5, 3), mode="trace").shape
         torch.Size([5, 5])
     """
+    if by_layer:
+        return _by_layer(model, x1, x2, mode=mode, method=method, batch_size=batch_size,
+                         out=out, output=output, params=params)
     with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size,
-                    params=params) as plan:
+                    params=params, output=output) as plan:
+        x1, x2, mode = plan.x1, plan.x2, plan.mode
         checks.check_out(out, plan.shape, plan.dtype, inputs=(x1, x2), model=plan.model)
         result = torch.empty(plan.shape, dtype=plan.dtype, device=x1.device) if out is None else out
         direct = result.device == x1.device
@@ -83,6 +100,30 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         if out is not None:
             torch.autograd.graph.increment_version(out)  # written in place, like torch's out=
     return result
+
+
+def _by_layer(model: nn.Module, x1, x2, *, out, params, **options) -> dict:
+    """``{module name: kernel over the module's own selected parameters}``; a parameter
+    registered in several modules (tied weights) counts once, with the first of them in
+    ``named_modules()`` order."""
+    model = _original_module(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
+    chosen = {id(p) for p in checks.check_model(model, params).values()}
+    groups: dict[str, list[str]] = {}
+    taken: set[int] = set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in chosen and id(p) not in taken:
+                taken.add(id(p))
+                groups.setdefault(name, []).append(f"{name}.{pname}" if name else pname)
+    if out is not None and (not isinstance(out, dict) or set(out) - set(groups)):
+        raise ValueError(f"empirical_ntk: with by_layer=True, out must be a dict of tensors "
+                         f"keyed by module name (any of {sorted(groups)}), or None.")
+    outs = out or {}
+    return {name: empirical_ntk(model, x1, x2, params=names, out=outs.get(name), **options)
+            for name, names in groups.items()}
 
 
 class KernelPlan:
@@ -100,18 +141,21 @@ class KernelPlan:
         engine: the structured or jacobian engine chosen (``engine.name``).
     """
 
-    def __init__(self, model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
-                 mode: str = "full", method: str = "auto",
-                 batch_size: int | None = None, params=None) -> None:
+    def __init__(self, model: nn.Module, x1, x2=None, *, mode: str = "full",
+                 method: str = "auto", batch_size: int | None = None, params=None,
+                 output=None) -> None:
         batch_size = checks.check_options(mode, method, batch_size)
         model = _original_module(model)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
         checks.check_materialised(model)
-        self.model, self.x1, self.x2 = model, x1, x2
-        self.mode, self.method, self.batch_size = mode, method, batch_size
-        self.select = params
+        self.user_model = self.model = model
+        self.x1, self.x2 = x1, x2
+        self.pseudo = mode == "pntk"     # the trace of the one output Σ_a f_a / sqrt(K)
+        self.mode = "trace" if self.pseudo else mode
+        self.method, self.batch_size = method, batch_size
+        self.select, self.output = params, output
         self.symmetric = x2 is None
         self._state: state.ModelState | None = None
 
@@ -120,6 +164,11 @@ class KernelPlan:
         try:
             # Under the model's lock: another call may have parameters swapped out right now.
             self.params = checks.check_model(self.model, self.select)
+            if inputs.needed(self.x1, self.x2, self.output, self.pseudo):
+                self.model, self.x1, self.x2 = inputs.adapt(
+                    self.user_model, self.x1, self.x2, self.output, self.pseudo,
+                    next(iter(self.params.values())))
+                self.params = {inputs.PREFIX + n: p for n, p in self.params.items()}
             checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
             with state.no_autocast(), checks.checkpoint_errors():
                 self.engine, self.k, self.computing = _choose_engine(

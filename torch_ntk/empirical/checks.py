@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from torch_ntk import _modes
 
-MODES = _modes.MODES
+MODES = _modes.USER_MODES
 METHODS = ("auto", "structured", "jacobian")
 
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,

@@ -1,0 +1,290 @@
+"""empirical_ntk on models called as their users call them: tuple and dict inputs, ``output=``,
+``mode="pntk"``, ``by_layer=True``, against the reference on a plain tensor-to-tensor wrapper;
+Hugging Face and timm models when those libraries are installed."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_ntk
+from conftest import autograd_ntk
+
+MODES = ("full", "trace", "diagonal")
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+class Masked(nn.Module):
+    """Takes x, a mask and a constant; returns a dict with a batch-first tensor and a
+    constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x, mask=None, scale=1.0):
+        h = torch.tanh(self.a(x)) * scale
+        if mask is not None:
+            h = h * mask
+        return {"logits": self.b(h), "hidden": h, "steps": 3}
+
+
+class Packed(nn.Module):
+    """The reference: the same model on one tensor [x, mask] with the constant fixed."""
+
+    def __init__(self, model, scale, take="logits"):
+        super().__init__()
+        self.model, self.scale, self.take = model, scale, take
+
+    def forward(self, xm):
+        out = self.model(xm[:, :3], xm[:, 3:], self.scale)
+        if self.take == "all":
+            return torch.cat([out["logits"], out["hidden"]], 1)
+        return out[self.take]
+
+
+def _data(n, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=dtype)
+    mask = (torch.rand(n, 5, generator=g) > 0.3).to(dtype)
+    return x, mask
+
+
+def _reference(model, xm1, xm2, mode, scale, take="logits"):
+    k = autograd_ntk(Packed(model, scale, take), xm1, xm1 if xm2 is None else xm2)
+    return {"full": k, "trace": torch.einsum("nmaa->nm", k),
+            "diagonal": torch.einsum("nmaa->nma", k), "pntk": k.sum((2, 3)) / k.shape[-1]}[mode]
+
+
+@pytest.mark.parametrize("mode", MODES + ("pntk",))
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+@pytest.mark.parametrize("distinct", [False, True])
+@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
+def test_dict_and_tuple_inputs_match_the_packed_reference(mode, kind, distinct, method):
+    torch.manual_seed(0)
+    model = Masked().double()
+    x1, m1 = _data(7, 1)
+    x2, m2 = _data(4, 2)
+
+    def pack(x, m):
+        return {"x": x, "mask": m, "scale": 1.5} if kind == "dict" else (x, m, 1.5)
+
+    got = torch_ntk.empirical_ntk(model, pack(x1, m1), pack(x2, m2) if distinct else None,
+                                  mode=mode, method=method, output=lambda o: o["logits"],
+                                  batch_size=3)
+    ref = _reference(model, torch.cat([x1, m1], 1),
+                     torch.cat([x2, m2], 1) if distinct else None, mode, 1.5)
+    assert got.shape == ref.shape and _rel(got, ref) < 1e-12
+
+
+def test_all_tensors_of_a_dict_output_are_taken():
+    model = Masked().double()
+    x, m = _data(5, 3)
+    got = torch_ntk.empirical_ntk(model, (x, m, 0.5), mode="trace")
+    ref = _reference(model, torch.cat([x, m], 1), None, "trace", 0.5, take="all")
+    assert _rel(got, ref) < 1e-12
+
+
+def test_output_on_a_tensor_input_and_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(6, 4)
+    got = torch_ntk.empirical_ntk(model, x, output=lambda f: f[:, 1:], mode="diagonal")
+    ref = torch_ntk.empirical_ntk(model, x, mode="diagonal", method="jacobian")[..., 1:]
+    assert got.dtype == torch.float32 and _rel(got, ref) < 1e-5
+    pntk = torch_ntk.empirical_ntk(model.double(), x.double(), mode="pntk")
+    full = torch_ntk.empirical_ntk(model.double(), x.double(), method="jacobian")
+    assert _rel(pntk, full.sum((2, 3)) / 3) < 1e-12
+
+
+def test_out_and_batch_size_with_dict_inputs():
+    model = Masked().double()
+    x, m = _data(9, 4)
+    out = torch.full((9, 9), float("nan"), dtype=torch.float64)
+    got = torch_ntk.empirical_ntk(model, {"x": x, "mask": m}, mode="trace",
+                                  output=lambda o: o["logits"], out=out, batch_size=4)
+    assert got is out
+    ref = _reference(model, torch.cat([x, m], 1), None, "trace", 1.0)
+    assert _rel(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["trace", "full", "pntk"])
+def test_by_layer_sums_to_the_kernel(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(),
+                          nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    parts = torch_ntk.empirical_ntk(model, x, x[:4], mode=mode, by_layer=True)
+    assert list(parts) == ["0", "2", "4"]
+    total = torch_ntk.empirical_ntk(model, x, x[:4], mode=mode)
+    assert _rel(sum(parts.values()), total) < 1e-12
+    only = torch_ntk.empirical_ntk(model, x, x[:4], mode=mode, params=["2.weight", "2.bias"])
+    assert _rel(parts["2"], only) < 1e-13
+
+
+def test_by_layer_counts_a_tied_weight_once_and_names_the_root():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+            self.gain = nn.Parameter(torch.tensor(1.3))
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids).mean(1)) * self.gain)
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    ids = torch.randint(0, 7, (5, 3))
+    parts = torch_ntk.empirical_ntk(model, ids, mode="trace", by_layer=True)
+    assert sorted(parts) == ["", "emb"]
+    total = torch_ntk.empirical_ntk(model, ids, mode="trace")
+    assert _rel(parts[""] + parts["emb"], total) < 1e-12
+    outs = {"emb": torch.empty(5, 5, dtype=torch.float64)}
+    again = torch_ntk.empirical_ntk(model, ids, mode="trace", by_layer=True, out=outs)
+    assert again["emb"] is outs["emb"] and _rel(again["emb"], parts["emb"]) < 1e-15
+    with pytest.raises(ValueError, match="dict of tensors keyed by module name"):
+        torch_ntk.empirical_ntk(model, ids, mode="trace", by_layer=True,
+                                out={"nope": torch.empty(5, 5)})
+
+
+def test_params_by_name_with_dict_inputs_and_state_untouched():
+    model = Masked().double()
+    for p in model.b.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, m = _data(5, 5)
+    got = torch_ntk.empirical_ntk(model, {"x": x, "mask": m}, mode="trace",
+                                  output=lambda o: o["logits"], params=["b.weight"])
+    packed = Packed(model, 1.0)
+    ref = torch_ntk.empirical_ntk(packed, torch.cat([x, m], 1), mode="trace",
+                                  params=["model.b.weight"], method="jacobian")
+    assert _rel(got, ref) < 1e-12
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.b.parameters())
+    assert model.a.weight.grad is None and model.training
+
+
+def test_bad_inputs_are_refused():
+    model = Masked().double()
+    x, m = _data(5, 6)
+    call = torch_ntk.empirical_ntk
+    with pytest.raises(ValueError, match="same keys"):
+        call(model, {"x": x, "mask": m}, {"x": x}, output=lambda o: o["logits"])
+    with pytest.raises(ValueError, match="same number of samples"):
+        call(model, {"x": x, "mask": m[:3]}, output=lambda o: o["logits"])
+    with pytest.raises(ValueError, match="passed to every call as they are"):
+        call(model, (x, m, 1.0), (x, m, 2.0), output=lambda o: o["logits"])
+    with pytest.raises(ValueError, match="must match after the batch dimension"):
+        call(model, (x, m), (x, m[:, :4]), output=lambda o: o["logits"])
+    with pytest.raises(TypeError, match="pass both the same way"):
+        call(model, (x, m), x)
+    with pytest.raises(TypeError, match="output must be a callable"):
+        call(model, (x, m), output="logits")
+    with pytest.raises(TypeError, match="must return a tensor"):
+        call(model, (x, m), output=lambda o: o["steps"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        call(model, (x, m * float("nan")), output=lambda o: o["logits"])
+    with pytest.raises(TypeError, match="with no tensor"):
+        call(model, {"scale": 1.0}, output=lambda o: o["logits"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        call(model, (x, m), mode="pseudo")
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"y": self.fc(x), "first": self.fc(x)[:1]}
+
+    with pytest.raises(ValueError, match="not all batch-first"):
+        call(Odd().double(), (x,))
+
+
+def test_distributed_takes_the_same_arguments(tmp_path):
+    """One rank (gloo, world size 1): dict inputs, output and params reach the plan."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    model = Masked().double()
+    x, m = _data(6, 7)
+    fresh = not dist.is_initialized()
+    if fresh:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                                world_size=1)
+    try:
+        got = torch_ntk.distributed.empirical_ntk(model, {"x": x, "mask": m}, mode="pntk",
+                                                  output=lambda o: o["logits"],
+                                                  params=["a.weight", "b.weight"])
+        with pytest.raises(ValueError, match="a callable can't|got a callable"):
+            torch_ntk.distributed.empirical_ntk(model, {"x": x, "mask": m},
+                                                output=lambda o: o["logits"],
+                                                params=lambda n, p: True)
+    finally:
+        if fresh:
+            dist.destroy_process_group()
+    ref = torch_ntk.empirical_ntk(model, {"x": x, "mask": m}, mode="pntk",
+                                  output=lambda o: o["logits"], params=["a.weight", "b.weight"])
+    assert _rel(got, ref) < 1e-13
+
+
+# Real models (random init from configs, no download)
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0,
+        eos_token_id=0))
+    bert = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+        vocab_size=40, max_position_embeddings=12))
+    return {"gpt2": (gpt2, lambda o: o.logits[:, -1, :4]),
+            "bert": (bert, lambda o: o.pooler_output[:, :5])}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+@pytest.mark.parametrize("distinct", [False, True])
+def test_hugging_face_models_with_padded_masks(name, distinct):
+    model, output = _hf_models()[name]
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (5, 7), generator=g)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    x1 = {"input_ids": ids, "attention_mask": mask}
+    x2 = {"input_ids": ids[:3].flip(1), "attention_mask": mask[:3]} if distinct else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch_ntk.empirical_ntk(model, x1, x2, output=output, method="jacobian")
+        for mode in MODES + ("pntk",):
+            got = torch_ntk.empirical_ntk(model, x1, x2, output=output, mode=mode)
+            want = {"full": ref, "trace": torch.einsum("nmaa->nm", ref),
+                    "diagonal": torch.einsum("nmaa->nma", ref),
+                    "pntk": ref.sum((2, 3)) / ref.shape[-1]}[mode]
+            assert _rel(got, want) < 1e-10, mode
+        lora_like = torch_ntk.empirical_ntk(model, x1, x2, output=output, mode="trace",
+                                            params=lambda n, p: "attn" in n or "attention" in n)
+        assert lora_like.shape == want.shape[:2]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
+def test_timm_models(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3).double().eval()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    ref = torch_ntk.empirical_ntk(model, x, x[:2], method="jacobian", mode="trace")
+    got = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace")
+    assert _rel(got, ref) < 1e-10
+    if name == "resnet18":   # one call per module: a few seconds
+        parts = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace", by_layer=True)
+        assert _rel(sum(parts.values()), ref) < 1e-10

@@ -288,3 +288,14 @@ def test_timm_models(name):
     if name == "resnet18":   # one call per module: a few seconds
         parts = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace", by_layer=True)
         assert _rel(sum(parts.values()), ref) < 1e-10
+
+
+def test_the_choice_of_auto_is_logged(caplog):
+    import logging
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    with caplog.at_level(logging.INFO, logger="torch_ntk"):
+        torch_ntk.empirical_ntk(model, torch.randn(5, 3), mode="trace")
+        torch_ntk.empirical_ntk(model, torch.randn(5, 3), mode="trace", method="jacobian")
+    lines = [r.getMessage() for r in caplog.records if r.name == "torch_ntk"]
+    assert "method 'structured' (its contraction is the cheaper; 2 layers factorised)" in lines[0]
+    assert "method 'jacobian' (asked for)" in lines[1] and "K=2 outputs, 50 parameters" in lines[1]

@@ -1,6 +1,7 @@
 """empirical_ntk(): validate, choose a method, tile over batch_size, fill ``out``."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -24,6 +25,13 @@ _CACHED_BLOCKS = 4               # ... or this many blocks when the caller sets 
 # it is taken when its contraction is at most this share of the Jacobian's.
 _STRUCTURED_SHARE = 0.5
 _REPAIRS = 8     # failed checks a call may answer by isolating layers before it takes the Jacobian
+# What each call chose and why, at INFO: logging.getLogger("torch_ntk").setLevel(logging.INFO)
+_log = logging.getLogger("torch_ntk")
+_REASONS = {"asked": "asked for", "cost": "the structured contraction would save too little",
+            "no layer": "no layer whose calls keep the batch on one axis",
+            "structure": "the layers' calls changed between blocks",
+            "verify": "a block's check found the structured kernel wrong",
+            "chosen": "its contraction is the cheaper"}
 
 
 def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: str = "auto",
@@ -184,6 +192,7 @@ class KernelPlan:
             self._budget = (_CACHE_BYTES if self.batch_size is None else
                             _CACHED_BLOCKS * size * self.engine.bytes_per_sample(self.k))
             self.direction = verify.direction(self.model, self.params)
+            _log_choice(self, "")
             self._generation = 0   # bumped when a failed check changes the engine
             self._checked: set[tuple[str, int]] = set()   # blocks (side, start) checked
             self._repairs = 0
@@ -330,6 +339,7 @@ class KernelPlan:
 
     def _changed(self) -> None:
         """The engine changed: factors already computed are of the old one."""
+        _log_choice(self, "now ")
         self._generation += 1
         self._checked.clear()
         self._row = (None, None, None)
@@ -338,6 +348,18 @@ class KernelPlan:
 
 
 # Internal helpers
+
+def _log_choice(plan: "KernelPlan", when: str) -> None:
+    if not _log.isEnabledFor(logging.INFO):
+        return
+    engine = plan.engine
+    reason = getattr(engine, "reason", None) or ("asked" if plan.method != "auto" else "chosen")
+    extra = f"; {len(engine.layers)} layers factorised" if engine.name == "structured" else ""
+    _log.info("empirical_ntk: %smethod %r (%s%s): K=%d outputs, %d parameters, blocks of %d",
+              when, engine.name, _REASONS.get(reason, reason), extra, plan.k,
+              sum(p.numel() for p in plan.params.values()),
+              plan.rows[0].stop - plan.rows[0].start)
+
 
 def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                    x2: Tensor | None, method: str) -> tuple[StructuredNTK | JacobianNTK, int]:

@@ -86,6 +86,9 @@ def test_bad_selections_are_named():
     model.head.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
         torch_ntk.empirical_ntk(model, x, params=["head.weight"])
+    with pytest.raises(ValueError, match=r"selects parameter\(s\) \['head.weight'\] with "
+                                         r"requires_grad=False"):
+        torch_ntk.empirical_ntk(model, x, params=lambda n, p: n.startswith("head"))
 
 
 def test_a_tied_parameter_answers_to_each_of_its_names():

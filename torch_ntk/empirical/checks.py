@@ -324,12 +324,13 @@ def _selected(model: nn.Module, select) -> dict[str, Tensor]:
     if select is None:
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
     if callable(select):
-        return {canonical[id(p)]: p for name, p in named.items() if select(name, p)}
-    if isinstance(select, (str, bytes)) or not hasattr(select, "__iter__"):
+        names = [name for name, p in named.items() if select(name, p)]
+    elif isinstance(select, (str, bytes)) or not hasattr(select, "__iter__"):
         raise TypeError(
             "empirical_ntk: params must be None, an iterable of parameter names or a callable "
             f"(name, param) -> bool, got {type(select).__name__}.")
-    names = list(select)
+    else:
+        names = list(select)
     unknown = [n for n in names if n not in named]
     if unknown:
         raise ValueError(
@@ -338,7 +339,7 @@ def _selected(model: nn.Module, select) -> dict[str, Tensor]:
     frozen = [n for n in names if not named[n].requires_grad]
     if frozen:
         raise ValueError(
-            f"empirical_ntk: params names parameter(s) {frozen} with requires_grad=False. Set "
+            f"empirical_ntk: params selects parameter(s) {frozen} with requires_grad=False. Set "
             "requires_grad=True on the parameters the kernel should be taken over.")
     return {canonical[id(named[n])]: named[n] for n in names}
 

@@ -189,6 +189,10 @@ def test_bad_inputs_are_refused():
         call(model, (x, m), output="logits")
     with pytest.raises(TypeError, match="must return a tensor"):
         call(model, (x, m), output=lambda o: o["steps"])
+    with pytest.raises(ValueError, match="must keep the batch first"):
+        call(model, (x, m), output=lambda o: o["logits"].mean(0, keepdim=True))
+    with pytest.raises(ValueError, match="must keep the batch first"):
+        call(model, (x, m), output=lambda o: o["logits"].sum())
     with pytest.raises(ValueError, match="NaN or infinite"):
         call(model, (x, m * float("nan")), output=lambda o: o["logits"])
     with pytest.raises(TypeError, match="with no tensor"):

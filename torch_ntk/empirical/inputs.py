@@ -89,6 +89,10 @@ def selected(out: Any, output: Optional[Callable], n: int) -> Tensor:
         if not isinstance(f, Tensor):
             raise TypeError(f"empirical_ntk: output(...) must return a tensor, got "
                             f"{type(f).__name__}.")
+        if f.dim() < 1 or f.shape[0] != n:
+            raise ValueError(f"empirical_ntk: output(...) gave a tensor of shape "
+                             f"{tuple(f.shape)} for a batch of {n} inputs; it must keep the "
+                             f"batch first (e.g. o.logits[:, -1], not o.logits.mean(0)).")
         return f
     if isinstance(out, Tensor):
         return out

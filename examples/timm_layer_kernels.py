@@ -8,7 +8,7 @@ trace mode, over the images given): how much of the function's sensitivity to it
 that layer carries at initialisation. Random weights (no download), random images. timm
 zero-initialises the last norm of every residual block (``zero_init_last``), which makes the
 layers inside the blocks carry nothing at initialisation; ResNets are built without it here.
-``by_layer`` computes one kernel per module (about two minutes for resnet18 on two cores).
+``by_layer`` contracts each block's factors module by module, in one pass.
 
 Needs ``timm`` and ``matplotlib``. Prints the shares and writes a bar chart.
 """

@@ -289,7 +289,7 @@ def test_timm_models(name):
     ref = torch_ntk.empirical_ntk(model, x, x[:2], method="jacobian", mode="trace")
     got = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace")
     assert _rel(got, ref) < 1e-10
-    if name == "resnet18":   # one call per module: a few seconds
+    if name == "resnet18":
         parts = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace", by_layer=True)
         assert _rel(sum(parts.values()), ref) < 1e-10
 
@@ -303,3 +303,45 @@ def test_the_choice_of_auto_is_logged(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "torch_ntk"]
     assert "method 'structured' (its contraction is the cheaper; 2 layers factorised)" in lines[0]
     assert "method 'jacobian' (asked for)" in lines[1] and "K=2 outputs, 50 parameters" in lines[1]
+
+
+class WithAttention(nn.Module):
+    """MultiheadAttention (the catch-all rule also takes its child out_proj's parameters), a
+    conv and a root parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 2)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+        self.gain = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.tanh(h.mean(1))) * self.gain
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention", "embedding"])
+@pytest.mark.parametrize("mode", ["full", "trace"])
+@pytest.mark.parametrize("distinct", [False, True])
+def test_by_layer_in_one_pass_equals_one_call_per_module(name, mode, distinct):
+    from torch_ntk.empirical import api
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        x = torch.randn(7, 3, dtype=torch.float64)
+    elif name == "attention":
+        model = WithAttention().double()
+        x = torch.randn(7, 3, 6, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(12, 9)).double()
+        model[2].weight = nn.Parameter(model[2].weight.detach().clone())
+        x = torch.randint(0, 9, (7, 3))
+    x2 = x[:4].flip(0) if distinct else None
+    one = torch_ntk.empirical_ntk(model, x, x2, mode=mode, by_layer=True, batch_size=3)
+    calls = api._by_layer_calls(model, x, x2, out=None, params=None, mode=mode,
+                                method="auto", batch_size=3, output=None)
+    assert list(one) == list(calls)
+    for key in calls:
+        assert _rel(one[key], calls[key]) < 1e-12, key

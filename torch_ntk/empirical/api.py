@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch_ntk import _modes
 from torch_ntk.empirical import checks, inputs, state, verify
 from torch_ntk.empirical.factors import Factors
-from torch_ntk.empirical.jacobian import JacobianNTK
+from torch_ntk.empirical.jacobian import JacobianNTK, module_of
 from torch_ntk.empirical.structured import StructureChanged, StructuredNTK, blocking_modules
 
 _PROBE_SIZES = (5, 7, 11, 13, 17, 19, 23)  # probe batch sizes: a size no other axis has
@@ -73,7 +73,7 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: 
             others are constants; no ``requires_grad`` flag is changed.
         by_layer (bool): return ``{module name: kernel over that module's own parameters}``
             (names as in ``named_modules()``, ``""`` for the root's own), which sum to the
-            kernel; one computation per module.
+            kernel; each block's factors are computed once and contracted per module.
 
     Returns:
         Tensor: shape as listed under ``mode``; the model's dtype, on x1's device (or ``out``).
@@ -110,14 +110,53 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: 
     return result
 
 
-def _by_layer(model: nn.Module, x1, x2, *, out, params, **options) -> dict:
-    """``{module name: kernel over the module's own selected parameters}``; a parameter
-    registered in several modules (tied weights) counts once, with the first of them in
-    ``named_modules()`` order."""
+def _by_layer(model: nn.Module, x1, x2, *, out, params, mode: str, method: str,
+              batch_size: int | None, output) -> dict:
+    """``{module name: kernel over the module's own selected parameters}`` in one pass: each
+    block's factors are computed once and contracted module by module (a parameter
+    registered in several modules, tied weights, counts once, with the first of them in
+    ``named_modules()`` order). Engines whose entries mix modules (a catch-all layer that also
+    accounts for a child's parameters) take one call per module instead."""
+    with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size,
+                    params=params, output=output) as plan:
+        order = {name: i for i, (name, _) in enumerate(plan.model.named_modules())}
+        groups = sorted({module_of(n) for n in plan.params}, key=lambda n: order.get(n, 0))
+        names = {g: inputs.user_name(g) if plan.model is not plan.user_model else g
+                 for g in groups}
+        if out is not None and (not isinstance(out, dict) or set(out) - set(names.values())):
+            raise ValueError(f"empirical_ntk: with by_layer=True, out must be a dict of tensors "
+                             f"keyed by module name (any of {sorted(names.values())}), or None.")
+        outs = out or {}
+        for g in groups:
+            if names[g] in outs:
+                checks.check_out(outs[names[g]], plan.shape, plan.dtype,
+                                 inputs=(plan.x1, plan.x2), model=plan.model)
+        results = {g: outs.get(names[g]) if names[g] in outs else
+                   torch.empty(plan.shape, dtype=plan.dtype, device=plan.x1.device)
+                   for g in groups}
+        for i, j in plan.tiles():
+            if None in plan.tile_owners(i, j):
+                break
+            for g in groups:
+                target = results[g][plan.rows[i], plan.cols[j]]
+                direct = target.device == plan.x1.device
+                tile = plan.compute_tile(i, j, target if direct else None, owner=g)
+                if not direct:
+                    target.copy_(tile)
+                if plan.symmetric and j > i:
+                    results[g][plan.cols[j], plan.rows[i]].copy_(_modes.transpose(tile, plan.mode))
+            plan.release(i, j)
+        else:
+            for t in outs.values():
+                torch.autograd.graph.increment_version(t)
+            return {names[g]: results[g] for g in groups}
+    return _by_layer_calls(model, x1, x2, out=out, params=params, mode=mode, method=method,
+                           batch_size=batch_size, output=output)
+
+
+def _by_layer_calls(model: nn.Module, x1, x2, *, out, params, **options) -> dict:
+    """``by_layer`` as one ``empirical_ntk`` call per module."""
     model = _original_module(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}.")
     chosen = {id(p) for p in checks.check_model(model, params).values()}
     groups: dict[str, list[str]] = {}
     taken: set[int] = set()
@@ -126,9 +165,6 @@ def _by_layer(model: nn.Module, x1, x2, *, out, params, **options) -> dict:
             if id(p) in chosen and id(p) not in taken:
                 taken.add(id(p))
                 groups.setdefault(name, []).append(f"{name}.{pname}" if name else pname)
-    if out is not None and (not isinstance(out, dict) or set(out) - set(groups)):
-        raise ValueError(f"empirical_ntk: with by_layer=True, out must be a dict of tensors "
-                         f"keyed by module name (any of {sorted(groups)}), or None.")
     outs = out or {}
     return {name: empirical_ntk(model, x1, x2, params=names, out=outs.get(name), **options)
             for name, names in groups.items()}
@@ -214,18 +250,18 @@ class KernelPlan:
         return [(i, j) for i in range(len(self.rows)) for j in range(len(self.cols))
                 if not (self.symmetric and j < i)]
 
-    def compute_tile(self, i: int, j: int, out: Tensor | None = None) -> Tensor:
-        """Θ(x1[rows[i]], x2[cols[j]]) in ``mode``, written into ``out`` when given.
+    def compute_tile(self, i: int, j: int, out: Tensor | None = None,
+                     owner: str | None = None) -> Tensor:
+        """Θ(x1[rows[i]], x2[cols[j]]) in ``mode``, written into ``out`` when given; over the
+        parameters of the module ``owner`` only when given (see ``tile_owners``).
 
         Both blocks' factors have passed ``verify.check``; a non-finite tile (factors whose
         products overflow the dtype) is recomputed from the factors in float64.
         """
-        while True:  # a failed check on the second block may change the engine
-            generation = self._generation
-            f1 = self._cache.get(i) if self.symmetric else self._row_factors(i)
-            f2 = f1 if self.symmetric and i == j else self._cache.get(j)
-            if generation == self._generation:
-                break
+        f1, f2 = self._tile_factors(i, j)
+        if owner is not None:
+            f1, f2 = f1.of(owner), (None if f2 is f1 else f2.of(owner))
+            f2 = f1 if f2 is None else f2
         shape = _modes.kernel_shape(self.rows[i].stop - self.rows[i].start,
                                     self.cols[j].stop - self.cols[j].start, self.k, self.mode)
         if out is None:
@@ -240,6 +276,20 @@ class KernelPlan:
             checks.check_kernel_fits(wide, self.dtype, self.rows[i].start, self.cols[j].start)
             out.copy_(wide)
         return out
+
+    def tile_owners(self, i: int, j: int) -> set:
+        """The modules the factors of tile ``(i, j)`` account for, by name in ``model``; None
+        among them when some entry mixes the parameters of several."""
+        f1, f2 = self._tile_factors(i, j)
+        return f1.owners() | f2.owners()
+
+    def _tile_factors(self, i: int, j: int):
+        while True:  # a failed check on the second block may change the engine
+            generation = self._generation
+            f1 = self._cache.get(i) if self.symmetric else self._row_factors(i)
+            f2 = f1 if self.symmetric and i == j else self._cache.get(j)
+            if generation == self._generation:
+                return f1, f2
 
     def release(self, i: int, j: int) -> None:
         """Tells the plan tile ``(i, j)`` is done, so factors no longer needed can go."""

@@ -43,26 +43,62 @@ class Factors:
     token_d: list[Tensor] = field(default_factory=list)
     outputs: Tensor | None = None     # the block's model output, Tensor[n, K]
     projection: Any = None            # verify.Projection of J r, when a direction was given
+    # Per entry, the modules whose parameters it accounts for: (module name, first, stop) over
+    # the last axis of d (a pooled gradient entry holds several); None: not known.
+    segments: list[list[tuple]] = field(default_factory=list)
+    token_owner: list[str | None] = field(default_factory=list)
 
-    def add(self, h: Tensor, d: Tensor, c: float, group: int = -1) -> None:
+    def add(self, h: Tensor, d: Tensor, c: float, group: int = -1,
+            owner: str | None = None) -> None:
         self.h.append(h)
         self.d.append(d)
         self.c.append(c)
         self.group.append(group)
+        self.segments.append([(owner, 0, d.shape[-1])])
 
-    def add_gradients(self, grads: list[Tensor]) -> None:
-        """Adds per-sample gradient blocks (each Tensor[n, K, P_l]), narrow ones pooled."""
-        narrow = [g for g in grads if g.shape[2] < _NARROW]
-        wide = [g for g in grads if g.shape[2] >= _NARROW]
-        if len(narrow) > 1:
-            narrow = [torch.cat(narrow, dim=2)]
-        for g in wide + narrow:
+    def add_gradients(self, grads: list[Tensor], owners: list | None = None) -> None:
+        """Adds per-sample gradient blocks (each Tensor[n, K, P_l], of the module
+        ``owners[l]``), narrow ones pooled."""
+        owners = [None] * len(grads) if owners is None else owners
+        narrow = [(g, o) for g, o in zip(grads, owners) if g.shape[2] < _NARROW]
+        for g, o in zip(grads, owners):
+            if g.shape[2] >= _NARROW:
+                self.add(g.new_empty(g.shape[0], 0), g, 1.0, owner=o)
+        if len(narrow) == 1:
+            g, o = narrow[0]
+            self.add(g.new_empty(g.shape[0], 0), g, 1.0, owner=o)
+        elif narrow:
+            g = torch.cat([g for g, _ in narrow], dim=2)
             self.add(g.new_empty(g.shape[0], 0), g, 1.0)
+            at, self.segments[-1] = 0, []
+            for block, o in narrow:
+                self.segments[-1].append((o, at, at + block.shape[2]))
+                at += block.shape[2]
 
-    def add_tokens(self, tokens: Tensor, d: Tensor) -> None:
+    def add_tokens(self, tokens: Tensor, d: Tensor, owner: str | None = None) -> None:
         """Adds a token entry: tokens Tensor[n, T] (int64, -1: none), d Tensor[n, T, K, w]."""
         self.tokens.append(tokens)
         self.token_d.append(d)
+        self.token_owner.append(owner)
+
+    def owners(self) -> set:
+        """The modules the entries account for (None among them: some entry's isn't known)."""
+        return {o for seg in self.segments for o, _, _ in seg} | set(self.token_owner)
+
+    def of(self, owner: str) -> "Factors":
+        """The entries of one module's parameters (``owners()`` must not hold None)."""
+        out = Factors(outputs=self.outputs)
+        for i, seg in enumerate(self.segments):
+            for o, start, stop in seg:
+                if o != owner:
+                    continue
+                whole = start == 0 and stop == self.d[i].shape[-1]
+                out.add(self.h[i], self.d[i] if whole else self.d[i][..., start:stop],
+                        self.c[i], self.group[i], owner=o)
+        for tok, d, o in zip(self.tokens, self.token_d, self.token_owner):
+            if o == owner:
+                out.add_tokens(tok, d, o)
+        return out
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()

@@ -30,6 +30,11 @@ from torch_ntk.empirical.verify import Projection
 _SEEDS = 32  # reverse passes batched together by the autograd path (samples per chunk × K)
 
 
+def module_of(name: str) -> str:
+    """The qualified name of the module that registers the parameter ``name``."""
+    return name.rpartition(".")[0]
+
+
 class JacobianNTK:
     """Reference NTK engine: factors are per-sample Jacobians, contracted by ``gram_sum``
     (one entry per parameter; the upper triangle only for a symmetric block)."""
@@ -61,7 +66,7 @@ class JacobianNTK:
             out.projection = Projection(x.shape[0], f.shape[1], f.dtype, f.device, r)
             for g, name in zip(blocks, self.params):
                 out.projection.add_gradients(g, r[name].reshape(-1))
-        out.add_gradients(blocks)
+        out.add_gradients(blocks, [module_of(name) for name in self.params])
         return out
 
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,

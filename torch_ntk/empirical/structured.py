@@ -185,37 +185,40 @@ class StructuredNTK:
             deltas = iter(_output_gradients(f, zs))
         out = Factors(outputs=f.detach())
         proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device, r)
-        pooled = []
+        pooled, owners = [], []
         for layer in self.layers:
             recorded = calls[id(layer.module)]
             per_call = [[next(deltas) for _ in c.outputs] for c in recorded]
             r_layer = None if r is None else self._relative(layer, r)
+            owner = self._owner(layer)
             if layer.gram:
                 entries = layer.rule.gram_factors(layer, recorded[0], per_call[0])
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
                 weight, bias = (None, None) if r is None else layer.rule.gram_direction(
                     layer, r_layer)
                 for h, d, c in entries:
-                    out.add(h.detach(), d.detach(), c, group)
+                    out.add(h.detach(), d.detach(), c, group, owner=owner)
                     if proj is not None:
                         proj.add_gram(h.detach(), d.detach(), c, weight, bias)
             elif layer.rule.uses_tokens(layer):
                 tokens, d = layer.rule.token_factors(layer, recorded, per_call)
-                out.add_tokens(tokens, d.detach())
+                out.add_tokens(tokens, d.detach(), owner=owner)
                 if proj is not None:
                     proj.add_tokens(tokens, d.detach(), layer.rule.token_direction(layer, r_layer))
             else:
                 g = layer.rule.per_sample_gradients(layer, recorded, per_call).detach()
                 pooled.append(g)
+                owners.append(owner)
                 if proj is not None:
                     proj.add_gradients(g, layer.rule.gradient_direction(layer, r_layer))
         if self.foreign:
             blocks = self.foreign_jacobian.blocks(x)
             pooled.extend(blocks)
+            owners.extend(jacobian.module_of(name) for name in self.foreign)
             if proj is not None:
                 for g, name in zip(blocks, self.foreign):
                     proj.add_gradients(g, r[name].reshape(-1))
-        out.add_gradients(pooled)
+        out.add_gradients(pooled, owners)
         out.projection = proj
         return out
 
@@ -223,6 +226,14 @@ class StructuredNTK:
                  symmetric: bool = False) -> Tensor:
         """Writes the kernel block between two factor sets into ``out``."""
         return contract(f1, f2, mode, out, symmetric)
+
+    def _owner(self, layer: Layer) -> str | None:
+        """The module that registers all of the layer's parameters (by their names in
+        ``params``), or None when they come from several."""
+        names = {id(p): n for n, p in self.params.items()}
+        modules = {jacobian.module_of(names[id(p)]) for p in layer.params.values()
+                   if id(p) in names}
+        return modules.pop() if len(modules) == 1 else None
 
     def _relative(self, layer: Layer, r: dict[str, Tensor]) -> dict[str, Tensor]:
         """The direction's entries for a layer's parameters, by names relative to its module."""

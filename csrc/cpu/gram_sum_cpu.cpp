@@ -67,6 +67,19 @@ int64_t choose_tile(GramMode mode, int64_t k, int64_t n1, int64_t n2, bool sym) 
   return t;
 }
 
+// Whether the whole output is one tile, its GEMMs threaded by ATen: when one tile's factor rows
+// don't fit in cache (wide per-sample gradients, e.g. a Jacobian of 10^5 parameters), every
+// extra row block of tiles reads all the factors again from memory, which costs more than the
+// tiles' parallelism gains; only while the output's rows stay few (its buffers small).
+bool one_tile(const std::vector<Layer>& layers, GramMode mode, int64_t k, int64_t n1,
+              int64_t n2, int64_t t, int64_t itemsize) {
+  const int64_t per = mode == GramMode::Full ? std::max<int64_t>(k, 1) : 1;
+  if (n1 * per > 2048 || n2 * per > 2048) return false;
+  int64_t row_bytes = 0;
+  for (const Layer& ly : layers) row_bytes += (ly.p + k * ly.q) * itemsize;
+  return row_bytes * std::min(t, std::max(n1, n2)) > (int64_t(8) << 20);
+}
+
 std::vector<Tile> make_tiles(int64_t n1, int64_t n2, int64_t t, bool sym) {
   std::vector<Tile> tiles;
   for (int64_t n0 = 0; n0 < n1; n0 += t) {
@@ -187,7 +200,9 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
                        const at::Tensor& out, bool sym) {
   const int64_t n1 = out.size(0), n2 = out.size(1), dim = out.dim();
   if (n1 == 0 || n2 == 0 || out.numel() == 0) return;
-  const int64_t t = choose_tile(mode, k, n1, n2, sym);
+  const int64_t chosen = choose_tile(mode, k, n1, n2, sym);
+  const bool single = one_tile(layers, mode, k, n1, n2, chosen, out.element_size());
+  const int64_t t = single ? std::max(n1, n2) : chosen;
   const std::vector<Tile> tiles = make_tiles(n1, n2, t, sym);
   int64_t st[4] = {0, 0, 0, 0};
   for (int64_t i = 0; i < dim; ++i) st[i] = out.stride(i);
@@ -196,7 +211,7 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
   const int64_t gd_elems = mode == GramMode::Trace ? t * t : t * t * k * k;
   const int64_t kd = mode == GramMode::Diagonal ? k : 1;
 
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  auto run_tiles = [&](int64_t begin, int64_t end) {
     at::Tensor gh_buf = at::empty({t * t}, opts);
     at::Tensor gd_buf = at::empty({std::max<int64_t>(gd_elems, 1)}, opts);
     for (int64_t ti = begin; ti < end; ++ti) {
@@ -250,7 +265,11 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
       if (first) zero_tile<scalar_t>(out_tile, st, dim, tn, tm, k);
       if (sym) mirror_tile<scalar_t>(out_base, st, dim, tile, k);
     }
-  });
+  };
+  if (single)   // outside a parallel region, so the GEMMs use ATen's threads
+    run_tiles(0, static_cast<int64_t>(tiles.size()));
+  else
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, run_tiles);
 }
 
 void run_cpu(const std::vector<Layer>& layers, GramMode mode, int64_t k, const at::Tensor& out,

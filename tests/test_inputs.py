@@ -280,6 +280,40 @@ def test_hugging_face_models_with_padded_masks(name, distinct):
         assert lora_like.shape == want.shape[:2]
 
 
+_TIMM_ZOO = {"convnext_atto": 32, "vit_tiny_patch16_224": 32, "deit_tiny_patch16_224": 32,
+             "regnetx_002": 32, "mobilevit_xxs": 64}
+
+
+@pytest.mark.parametrize("name", list(_TIMM_ZOO))
+def test_timm_zoo_in_every_mode(name):
+    timm = pytest.importorskip("timm")
+    size = _TIMM_ZOO[name]
+    extra = {"img_size": size} if "patch16" in name else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **extra).double().eval()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    ref = torch_ntk.empirical_ntk(model, x, x[:2], method="jacobian")
+    for mode in MODES + ("pntk",):
+        got = torch_ntk.empirical_ntk(model, x, x[:2] if mode != "trace" else None, mode=mode)
+        full = ref if mode != "trace" else torch_ntk.empirical_ntk(model, x, method="jacobian")
+        want = {"full": full, "trace": torch.einsum("nmaa->nm", full),
+                "diagonal": torch.einsum("nmaa->nma", full),
+                "pntk": full.sum((2, 3)) / full.shape[-1]}[mode]
+        assert _rel(got, want) < 1e-10, mode
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet_b0", 32),
+                                       ("swin_tiny_patch4_window7_224", 56)])
+def test_timm_large_models_trace(name, size):
+    timm = pytest.importorskip("timm")
+    extra = {"img_size": size} if "swin" in name else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **extra).double().eval()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    ref = torch_ntk.empirical_ntk(model, x, x[:2], method="jacobian", mode="trace")
+    assert _rel(torch_ntk.empirical_ntk(model, x, x[:2], mode="trace"), ref) < 1e-10
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
 def test_timm_models(name):
     timm = pytest.importorskip("timm")

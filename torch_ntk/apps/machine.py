@@ -44,6 +44,14 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     return info
 
 
+def run_record(device: str | torch.device = "cpu") -> dict:
+    """The versions, threads, machine line and date a demo's JSON config records."""
+    return {"torch": torch.__version__, "torch_ntk": torch_ntk.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "machine": describe_machine(device),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
 def total_memory_gib() -> float:
     """Physical memory of this machine."""
     try:

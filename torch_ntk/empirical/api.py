@@ -208,7 +208,7 @@ class KernelPlan:
         try:
             # Under the model's lock: another call may have parameters swapped out right now.
             self.params = checks.check_model(self.model, self.select)
-            if inputs.needed(self.x1, self.x2, self.output, self.pseudo):
+            if inputs.needed(self.x1, self.output, self.pseudo):
                 self.model, self.x1, self.x2 = inputs.adapt(
                     self.user_model, self.x1, self.x2, self.output, self.pseudo,
                     next(iter(self.params.values())))

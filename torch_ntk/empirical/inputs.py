@@ -54,7 +54,7 @@ class Called(nn.Module):
         return f
 
 
-def needed(x1, x2, output, pseudo: bool) -> bool:
+def needed(x1, output, pseudo: bool) -> bool:
     """Whether the call needs ``Called`` (else the model and tensors go to the engines as
     they are)."""
     return not isinstance(x1, Tensor) or output is not None or pseudo
@@ -172,8 +172,7 @@ def _batch_size(items, name: str) -> int:
     sizes = {k: (v.shape[0] if v.dim() else None) for k, v in items if isinstance(v, Tensor)}
     if any(s is None for s in sizes.values()) or len(set(sizes.values())) != 1:
         raise ValueError(f"empirical_ntk: every tensor in {name} must be batch-first with the "
-                         f"same number of samples; got first dimensions "
-                         f"{ {k: s for k, s in sizes.items()} }.")
+                         f"same number of samples; got first dimensions {sizes}.")
     n = next(iter(sizes.values()))
     if n == 0:
         raise ValueError(f"empirical_ntk: {name} has no samples.")

@@ -15,7 +15,6 @@ output, and anything linear or odd (pooling, erf, tanh, LayerNorm) applied to it
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import FrozenSet, List, Optional, Sequence
 
 import torch

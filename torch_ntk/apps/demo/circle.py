@@ -16,10 +16,8 @@ Only the public torch_ntk API is used here, as a user would (plus the training l
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import math
-import platform
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 from torch import Tensor
 
 import torch_ntk
-from torch_ntk.apps.machine import describe_machine
+from torch_ntk.apps.machine import run_record
 from torch_ntk.dynamics.training import train_mse
 from torch_ntk.predict import gradient_descent_mse, gradient_descent_mse_ensemble
 
@@ -164,10 +162,7 @@ def summarise(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict]) -> di
     config.update({
         "train_gamma": list(TRAIN_GAMMA), "y_train": data["y_train"][:, 0].tolist(),
         "targets": "y = sin(2 γ) / 2", "x0": [1.0, 0.0], "loss": "||f - y||² / (2 · y.numel())",
-        "torch": torch.__version__, "torch_ntk": torch_ntk.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "machine": describe_machine(cfg["device"]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **run_record(cfg["device"]),
     })
     return {
         "config": config,

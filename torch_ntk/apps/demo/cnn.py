@@ -28,8 +28,6 @@ compares with the fully-connected kernels: ``"flatten"`` (no pooling) and ``"myr
 """
 from __future__ import annotations
 
-import datetime
-import platform
 from typing import Any, Callable
 
 import numpy as np
@@ -39,7 +37,7 @@ from torch import Tensor, nn
 import torch_ntk
 from torch_ntk.apps.demo.circle import loglog_slope
 from torch_ntk.apps.demo.pca import load_digits_inputs
-from torch_ntk.apps.machine import describe_machine
+from torch_ntk.apps.machine import run_record
 from torch_ntk.dynamics.training import train_mse
 
 # Defaults per kind of run. The work grows like C² (the empirical NTK at C = 256 on 32 digits
@@ -214,10 +212,7 @@ def summarise(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict]) -> di
         "targets": "one-hot labels", "loss": "||f - y||² / (2 · N · K)",
         "error": "||empirical_ntk(model, x, mode='trace') / K - analytic_ntk(model, x)||_F "
                  "/ ||analytic_ntk(model, x)||_F",
-        "torch": torch.__version__, "torch_ntk": torch_ntk.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "machine": describe_machine(cfg["device"]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **run_record(cfg["device"]),
     })
     return {
         "config": config,

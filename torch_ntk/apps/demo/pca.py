@@ -20,9 +20,7 @@ component, ``f* = sqrt(N) · v_2``, and fits the rate of decay of ``a_t`` per wi
 """
 from __future__ import annotations
 
-import datetime
 import math
-import platform
 from typing import Any, Callable
 
 import numpy as np
@@ -30,7 +28,7 @@ import torch
 from torch import Tensor
 
 import torch_ntk
-from torch_ntk.apps.machine import describe_machine
+from torch_ntk.apps.machine import run_record
 from torch_ntk.dynamics.training import train_mse
 
 # Defaults per kind of run. The learning rate is chosen from the spectrum (lr · λ1 / N =
@@ -155,10 +153,7 @@ def summarise(cfg: dict[str, Any], data: dict[str, Any], runs: list[dict]) -> di
         "experiment": "pca", "lr": data["lr"], "component": COMPONENT,
         "inputs": "sklearn digits 8x8, minus the mean image, scaled to ||x||^2 = 64",
         "target": f"f* = sqrt(N) * v_{COMPONENT}", "loss": "||f - y||² / (2 · N)",
-        "torch": torch.__version__, "torch_ntk": torch_ntk.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "machine": describe_machine(cfg["device"]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **run_record(cfg["device"]),
     })
     n = data["x"].shape[0]
     return {

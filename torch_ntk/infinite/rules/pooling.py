@@ -70,7 +70,7 @@ class GlobalAvgPool(Rule):
         return True
 
     def apply(self, inputs, orients, out, side1=None, side2=None) -> Pair:
-        (x,), (o,) = inputs, orients
+        (x,) = inputs
         dims = tuple(range(2, x.nngp.dim()))
 
         def mean(v):

@@ -277,6 +277,15 @@ class KernelPlan:
             out.copy_(wide)
         return out
 
+    def block_factors(self, i: int) -> Factors:
+        """The factors of x1's block ``rows[i]``, checked as for a tile (not kept)."""
+        return self._checked_factors(self.x1[self.rows[i]], self.rows[i].start, "x1")
+
+    def user_names(self) -> dict[str, str]:
+        """``params``' names -> the names in the caller's model (``named_parameters()``)."""
+        wrapped = self.model is not self.user_model
+        return {n: n[len(inputs.PREFIX):] if wrapped else n for n in self.params}
+
     def tile_owners(self, i: int, j: int) -> set:
         """The modules the factors of tile ``(i, j)`` account for, by name in ``model``; None
         among them when some entry mixes the parameters of several."""

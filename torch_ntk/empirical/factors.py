@@ -47,39 +47,51 @@ class Factors:
     # the last axis of d (a pooled gradient entry holds several); None: not known.
     segments: list[list[tuple]] = field(default_factory=list)
     token_owner: list[str | None] = field(default_factory=list)
+    # Per entry, the parameters it accounts for (by name in the engine's ``params``): a Gram
+    # entry's ``("gram", weight name or None, bias name or None)`` (d · (W h) + sqrt(c) d · b),
+    # a gradient entry's ``("grad", [(name, first, stop), ...])`` over the last axis of d;
+    # per token entry the table's name. None: not known.
+    params: list[tuple | None] = field(default_factory=list)
+    token_params: list[str | None] = field(default_factory=list)
 
     def add(self, h: Tensor, d: Tensor, c: float, group: int = -1,
-            owner: str | None = None) -> None:
+            owner: str | None = None, params: tuple | None = None) -> None:
         self.h.append(h)
         self.d.append(d)
         self.c.append(c)
         self.group.append(group)
         self.segments.append([(owner, 0, d.shape[-1])])
+        self.params.append(params)
 
-    def add_gradients(self, grads: list[Tensor], owners: list | None = None) -> None:
+    def add_gradients(self, grads: list[Tensor], owners: list | None = None,
+                      names: list | None = None) -> None:
         """Adds per-sample gradient blocks (each Tensor[n, K, P_l], of the module
-        ``owners[l]``), narrow ones pooled."""
+        ``owners[l]``; ``names[l]`` lists its parameters in order as ``(name, numel)``),
+        narrow ones pooled."""
         owners = [None] * len(grads) if owners is None else owners
-        narrow = [(g, o) for g, o in zip(grads, owners) if g.shape[2] < _NARROW]
-        for g, o in zip(grads, owners):
-            if g.shape[2] >= _NARROW:
-                self.add(g.new_empty(g.shape[0], 0), g, 1.0, owner=o)
-        if len(narrow) == 1:
-            g, o = narrow[0]
-            self.add(g.new_empty(g.shape[0], 0), g, 1.0, owner=o)
-        elif narrow:
-            g = torch.cat([g for g, _ in narrow], dim=2)
-            self.add(g.new_empty(g.shape[0], 0), g, 1.0)
-            at, self.segments[-1] = 0, []
-            for block, o in narrow:
-                self.segments[-1].append((o, at, at + block.shape[2]))
-                at += block.shape[2]
+        names = [None] * len(grads) if names is None else names
+        blocks = list(zip(grads, owners, names))
+        narrow = [b for b in blocks if b[0].shape[2] < _NARROW]
+        wide = [b for b in blocks if b[0].shape[2] >= _NARROW]
+        pooled = [narrow] if len(narrow) > 1 else []
+        for part in [[b] for b in wide + (narrow if len(narrow) == 1 else [])] + pooled:
+            g = part[0][0] if len(part) == 1 else torch.cat([b[0] for b in part], dim=2)
+            owner = part[0][1] if len(part) == 1 else None
+            self.add(g.new_empty(g.shape[0], 0), g, 1.0, owner=owner,
+                     params=_gradient_layout([(b[0].shape[2], b[2]) for b in part]))
+            if len(part) > 1:
+                at, self.segments[-1] = 0, []
+                for block, o, _ in part:
+                    self.segments[-1].append((o, at, at + block.shape[2]))
+                    at += block.shape[2]
 
-    def add_tokens(self, tokens: Tensor, d: Tensor, owner: str | None = None) -> None:
+    def add_tokens(self, tokens: Tensor, d: Tensor, owner: str | None = None,
+                   param: str | None = None) -> None:
         """Adds a token entry: tokens Tensor[n, T] (int64, -1: none), d Tensor[n, T, K, w]."""
         self.tokens.append(tokens)
         self.token_d.append(d)
         self.token_owner.append(owner)
+        self.token_params.append(param)
 
     def owners(self) -> set:
         """The modules the entries account for (None among them: some entry's isn't known)."""
@@ -94,10 +106,12 @@ class Factors:
                     continue
                 whole = start == 0 and stop == self.d[i].shape[-1]
                 out.add(self.h[i], self.d[i] if whole else self.d[i][..., start:stop],
-                        self.c[i], self.group[i], owner=o)
-        for tok, d, o in zip(self.tokens, self.token_d, self.token_owner):
+                        self.c[i], self.group[i], owner=o,
+                        params=self.params[i] if whole else _sliced(self.params[i], start, stop))
+        for tok, d, o, name in zip(self.tokens, self.token_d, self.token_owner,
+                                   self.token_params):
             if o == owner:
-                out.add_tokens(tok, d, o)
+                out.add_tokens(tok, d, o, name)
         return out
 
     def nbytes(self) -> int:
@@ -128,6 +142,29 @@ def contract(f1: Factors, f2: Factors, mode: str, out: Tensor, symmetric: bool =
 
 
 # Internal helpers
+
+def _gradient_layout(blocks: list[tuple[int, list | None]]) -> tuple | None:
+    """``("grad", [(name, first, stop), ...])`` for blocks of widths and ``(name, numel)``
+    lists laid side by side; None when some block's parameters are not known."""
+    if any(names is None for _, names in blocks):
+        return None
+    slices, at = [], 0
+    for width, names in blocks:
+        if sum(numel for _, numel in names) != width:
+            return None
+        for name, numel in names:
+            slices.append((name, at, at + numel))
+            at += numel
+    return ("grad", slices)
+
+
+def _sliced(layout: tuple | None, start: int, stop: int) -> tuple | None:
+    """A gradient layout restricted to ``[start, stop)`` of the last axis, shifted to 0."""
+    if layout is None or layout[0] != "grad":
+        return None
+    return ("grad", [(name, a - start, b - start) for name, a, b in layout[1]
+                     if a >= start and b <= stop])
+
 
 _PAIR_ELEMENTS = 2 ** 24  # entries of d gathered at once per side when contracting tokens
 

@@ -66,7 +66,8 @@ class JacobianNTK:
             out.projection = Projection(x.shape[0], f.shape[1], f.dtype, f.device, r)
             for g, name in zip(blocks, self.params):
                 out.projection.add_gradients(g, r[name].reshape(-1))
-        out.add_gradients(blocks, [module_of(name) for name in self.params])
+        out.add_gradients(blocks, [module_of(name) for name in self.params],
+                          [[(name, p.numel())] for name, p in self.params.items()])
         return out
 
     def contract(self, f1: Factors, f2: Factors, mode: str, out: Tensor,

@@ -185,40 +185,45 @@ class StructuredNTK:
             deltas = iter(_output_gradients(f, zs))
         out = Factors(outputs=f.detach())
         proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device, r)
-        pooled, owners = [], []
+        pooled, owners, names = [], [], []
+        name_of = {id(p): name for name, p in self.params.items()}
         for layer in self.layers:
             recorded = calls[id(layer.module)]
             per_call = [[next(deltas) for _ in c.outputs] for c in recorded]
             r_layer = None if r is None else self._relative(layer, r)
             owner = self._owner(layer)
+            full = {rel: name_of[id(p)] for rel, p in layer.params.items()}
             if layer.gram:
                 entries = layer.rule.gram_factors(layer, recorded[0], per_call[0])
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
                 weight, bias = (None, None) if r is None else layer.rule.gram_direction(
                     layer, r_layer)
+                layout = ("gram", full.get("weight"), full.get("bias"))
                 for h, d, c in entries:
-                    out.add(h.detach(), d.detach(), c, group, owner=owner)
+                    out.add(h.detach(), d.detach(), c, group, owner=owner, params=layout)
                     if proj is not None:
                         proj.add_gram(h.detach(), d.detach(), c, weight, bias)
             elif layer.rule.uses_tokens(layer):
                 tokens, d = layer.rule.token_factors(layer, recorded, per_call)
-                out.add_tokens(tokens, d.detach(), owner=owner)
+                out.add_tokens(tokens, d.detach(), owner=owner, param=full.get("weight"))
                 if proj is not None:
                     proj.add_tokens(tokens, d.detach(), layer.rule.token_direction(layer, r_layer))
             else:
                 g = layer.rule.per_sample_gradients(layer, recorded, per_call).detach()
                 pooled.append(g)
                 owners.append(owner)
+                names.append([(full[rel], p.numel()) for rel, p in layer.params.items()])
                 if proj is not None:
                     proj.add_gradients(g, layer.rule.gradient_direction(layer, r_layer))
         if self.foreign:
             blocks = self.foreign_jacobian.blocks(x)
             pooled.extend(blocks)
             owners.extend(jacobian.module_of(name) for name in self.foreign)
+            names.extend([(name, p.numel())] for name, p in self.foreign.items())
             if proj is not None:
                 for g, name in zip(blocks, self.foreign):
                     proj.add_gradients(g, r[name].reshape(-1))
-        out.add_gradients(pooled, owners)
+        out.add_gradients(pooled, owners, names)
         out.projection = proj
         return out
 

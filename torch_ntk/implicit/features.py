@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from torch_ntk.empirical import checks
 from torch_ntk.empirical.api import KernelPlan
-from torch_ntk.features.sketch import Hashes, sketch_factors
+from torch_ntk.implicit.sketch import Hashes, sketch_factors
 
 
 def ntk_features(model: nn.Module, x, dim: int, *, seed: int = 0, params=None, output=None,

@@ -9,14 +9,16 @@ import torch
 from torch import Tensor
 
 from torch_ntk.dynamics._checks import (PredictFn, _add_diagonal_regularizer,
-                                        _apply_test_kernel, _check_learning_rate,
-                                        _check_predict_inputs, _check_times, _check_train,
-                                        _Scalar)
+                                        _apply_test_kernel, _check_diag_reg,
+                                        _check_learning_rate, _check_predict_inputs,
+                                        _check_times, _check_train, _Scalar)
+from torch_ntk.dynamics._iterative import OperatorSystem, is_operator
 
 
 def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: float = 1.0,
-                         diag_reg: float = 0.0, *,
-                         diag_reg_absolute_scale: bool = False) -> PredictFn:
+                         diag_reg: float = 0.0, *, diag_reg_absolute_scale: bool = False,
+                         rtol: float = 1e-6, maxiter: int | None = None,
+                         preconditioner_rank: int = 100) -> PredictFn:
     """Predicts outputs of continuous-time gradient descent on the MSE loss with a fixed kernel.
 
     The kernel's shape decides how outputs interact:
@@ -26,6 +28,10 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
     - ``Tensor[N, N, K, K]`` (``empirical_ntk(..., mode="full")``, layout ``k[n, m, a, b]``):
       the outputs are coupled; the kernel is used as the ``(N·K, N·K)`` matrix
       ``k.permute(0, 2, 1, 3).reshape(N·K, N·K)``.
+    - ``torch_ntk.NTKOperator`` (``mode="trace"`` like ``(N, N)``, ``"full"`` like
+      ``(N, N, K, K)``): never formed. ``t=None`` solves by conjugate gradients with a
+      randomized Nyström preconditioner, finite ``t`` by Lanczos; both stop at ``rtol`` and
+      ``predict_fn.last`` tells the iterations and residual reached (also logged at INFO).
 
     The eigendecomposition (finite ``t``) or Cholesky factor (``t=None``) of the
     regularised kernel is computed on first use and cached in the returned function.
@@ -39,6 +45,9 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
             it (absolute time ``learning_rate · t``), like a number of training steps.
         diag_reg (float): adds ``diag_reg · mean(diag(k)) · I`` to the kernel (ridge).
         diag_reg_absolute_scale (bool): if True, adds ``diag_reg · I`` instead.
+        rtol (float), maxiter (int, optional), preconditioner_rank (int): for an operator
+            only: the relative residual to reach, the iterations allowed (default: 10 times the
+            operator's size) and the Nyström preconditioner's rank (0: none).
 
     Returns:
         Callable: ``predict_fn(t=None, fx_train_0=0.0, fx_test_0=None, k_test_train=None)``.
@@ -68,6 +77,9 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
         torch.Size([3, 20, 1])
     """
     _check_learning_rate(learning_rate, "gradient_descent_mse")
+    if is_operator(k_train_train):
+        return _operator_predict_fn(k_train_train, y_train, learning_rate, diag_reg,
+                                    diag_reg_absolute_scale, rtol, maxiter, preconditioner_rank)
     k_flat, y_shape, coupled = _check_train(k_train_train, y_train, diag_reg)
     n = y_shape[0]
     kk = 1 if len(y_shape) == 1 else int(torch.Size(y_shape[1:]).numel())
@@ -147,3 +159,76 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
         return results[0] if len(results) == 1 else tuple(results)
 
     return predict_fn
+
+
+def _operator_predict_fn(op, y_train: Tensor, learning_rate: float, diag_reg: float,
+                         absolute: bool, rtol: float, maxiter: int | None,
+                         rank: int) -> PredictFn:
+    """``gradient_descent_mse`` for a kernel operator (see there)."""
+    name = "gradient_descent_mse"
+    y_shape = _check_operator_targets(op, y_train, diag_reg, name)
+    system = OperatorSystem(op, y_shape, float(diag_reg), absolute, rtol=rtol,
+                            maxiter=maxiter, rank=rank, name=name)
+    n, kk, coupled = system.n, system.kk, system.coupled
+    dtype, device = system.dtype, system.device
+    y2 = y_train.detach().to(device, dtype).reshape(n, kk)
+    normalization = float(n * kk)
+
+    def predict_fn(t: Tensor | _Scalar | None = None,
+                   fx_train_0: Tensor | _Scalar | None = 0.0,
+                   fx_test_0: Tensor | _Scalar | None = None,
+                   k_test_train: Tensor | None = None):
+        """Outputs at time(s) ``t`` (``None`` = ∞); see ``gradient_descent_mse`` for shapes."""
+        f_train0, f_test0, k_test, m = _check_predict_inputs(
+            fx_train_0, fx_test_0, k_test_train, y_shape, n, kk, coupled, dtype, device)
+        want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
+        residual = system.to_vec(f_train0 - y2)
+        if t is None:
+            t_shape: tuple[int, ...] = ()
+            out_train = y2 if want_train else None
+            out_test = None
+            if want_test:
+                alpha = system.from_vec(system.solve(-residual))
+                out_test = f_test0 + _apply_test_kernel(k_test, alpha, m, kk, coupled)
+        else:
+            times = _check_times(t, dtype, device) * float(learning_rate)
+            t_shape = tuple(times.shape)
+            s = (times.reshape(-1) / normalization)[:, None]              # (T, 1)
+            out_train = out_test = None
+            if want_train:   # f(t) - y = exp(-A s) (f0 - y)
+                decay = system.functions(residual, lambda lam: torch.expm1(
+                    -lam.clamp_min(0) * s))
+                out_train = f_train0 + system.from_vec(decay)
+            if want_test:    # f_test(t) = f_test0 + k_tx (1 - exp(-A s)) A⁻¹ (y - f0)
+                def gain(lam):
+                    lam = lam.clamp_min(0)
+                    safe = torch.where(lam > 0, lam, torch.ones_like(lam))
+                    return torch.where(lam > 0, -torch.expm1(-lam * s) / safe, s.expand(-1, lam.shape[0]))
+                alpha = system.from_vec(system.functions(-residual, gain))
+                out_test = f_test0 + _apply_test_kernel(k_test, alpha, m, kk, coupled)
+        predict_fn.last = system.last
+        results = []
+        if want_train:
+            out_train = out_train.expand(*t_shape, n, kk) if t is None else out_train
+            results.append(out_train.reshape(*t_shape, *y_shape))
+        if want_test:
+            results.append(out_test.reshape(*t_shape, m, *y_shape[1:]))
+        return results[0] if len(results) == 1 else tuple(results)
+
+    predict_fn.last = None
+    return predict_fn
+
+
+def _check_operator_targets(op, y: Tensor, diag_reg: float, name: str) -> tuple[int, ...]:
+    """Validates the targets against a kernel operator; returns y's shape."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name}: y_train must be a torch.Tensor, got {type(y).__name__}.")
+    if y.ndim == 0:
+        raise ValueError(f"{name}: y_train must have shape (N,) or (N, *out_shape), got a scalar.")
+    if op.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: the kernel operator must compute in float32 or float64, "
+                         f"got {op.dtype}.")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{name}: y_train contains NaN or infinite values.")
+    _check_diag_reg(diag_reg, name)
+    return tuple(y.shape)

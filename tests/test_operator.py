@@ -172,3 +172,51 @@ def test_wrong_jvp_is_refused():
     op = torch_ntk.NTKOperator(Model().double(), torch.randn(5, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="forward-mode derivative disagrees"):
         op @ torch.randn(5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rank", [0, 15])
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_predict_through_the_operator(mode, rank):
+    from torch_ntk import predict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 2)).double()
+    x, xt = torch.randn(32, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    y = torch.sin(x[:, :2])
+    k = torch_ntk.empirical_ntk(model, x, mode=mode)
+    kt = torch_ntk.empirical_ntk(model, xt, x, mode=mode)
+    ktt = torch_ntk.empirical_ntk(model, xt, mode=mode)
+    op = torch_ntk.NTKOperator(model, x, mode=mode, batch_size=16)
+    dense = predict.gradient_descent_mse(k, y, diag_reg=1e-3)
+    implicit = predict.gradient_descent_mse(op, y, diag_reg=1e-3, rtol=1e-10,
+                                            preconditioner_rank=rank)
+    f0, ft0 = 0.1 * torch.ones_like(y), torch.zeros(6, 2, dtype=torch.float64)
+    times = torch.tensor([0.0, 3.0, 300.0, 3e4], dtype=torch.float64)
+    for t in (None, times):
+        want, got = dense(t, f0, ft0, kt), implicit(t, f0, ft0, kt)
+        for a, b in zip(want, got):
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-8 * float(a.abs().max())
+        assert implicit.last.method == ("cg" if t is None else "lanczos")
+        assert implicit.last.residual <= 1e-9 and implicit.last.iterations >= 1
+    gp = predict.gp_inference(op, y, 1e-3, rtol=1e-10, preconditioner_rank=rank)
+    want, got = predict.gp_inference(k, y, 1e-3)(None, kt, ktt), gp(None, kt, ktt)
+    assert torch.allclose(got.mean, want.mean, rtol=0, atol=1e-8 * float(want.mean.abs().max()))
+    assert torch.allclose(got.covariance, want.covariance, rtol=0,
+                          atol=1e-8 * float(want.covariance.abs().max()))
+
+
+def test_predict_says_when_cg_falls_short():
+    from torch_ntk import predict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 1)).double()
+    x = torch.randn(30, 4, dtype=torch.float64)
+    op = torch_ntk.NTKOperator(model, x)
+    fn = predict.gradient_descent_mse(op, torch.randn(30, 1, dtype=torch.float64), diag_reg=1e-6,
+                                      maxiter=2, preconditioner_rank=0)
+    with pytest.raises(ValueError, match="conjugate gradients reached a relative residual"):
+        fn(None, 0.0, torch.zeros(2, 1, dtype=torch.float64),
+           torch.zeros(2, 30, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(N, N\) = \(29, 29\)"):
+        predict.gradient_descent_mse(op, torch.randn(29), diag_reg=1e-3)

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch_ntk.dynamics._checks import (_add_diagonal_regularizer, _as_kernels, _canonical_get,
                                         _check_diag_reg, _check_learning_rate, _check_times,
                                         _check_train, _Scalar)
+from torch_ntk.dynamics._iterative import OperatorSystem, is_operator
 
 
 class Gaussian(NamedTuple):
@@ -31,7 +32,9 @@ class Gaussian(NamedTuple):
 
 
 def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
-                 diag_reg_absolute_scale: bool = False) -> Callable[..., Any]:
+                 diag_reg_absolute_scale: bool = False, rtol: float = 1e-6,
+                 maxiter: Optional[int] = None,
+                 preconditioner_rank: int = 100) -> Callable[..., Any]:
     """Posterior of the NNGP, and the distribution of the NTK ensemble trained to ``t = ∞``.
 
     With ``K`` the NNGP (the prior covariance of the network at initialisation), ``Θ`` the
@@ -56,6 +59,9 @@ def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
         y_train (Tensor[N] or Tensor[N, *out_shape]): targets.
         diag_reg (float): ridge added to each training kernel, ``diag_reg · mean(diag(k))``.
         diag_reg_absolute_scale (bool): if True, the ridge is ``diag_reg`` itself.
+        rtol, maxiter, preconditioner_rank: for a ``torch_ntk.NTKOperator`` as the one
+            training kernel (never formed), the conjugate-gradient solves as in
+            ``gradient_descent_mse``; ``predict_fn.last`` tells what the last solve reached.
 
     Returns:
         Callable: ``predict_fn(get=None, k_test_train=None, k_test_test=None)``. ``get`` is
@@ -85,6 +91,9 @@ def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
         (torch.Size([5, 1]), torch.Size([5, 5]))
     """
     name = "gp_inference"
+    if is_operator(k_train_train):
+        return _operator_inference(k_train_train, y_train, diag_reg, diag_reg_absolute_scale,
+                                   rtol, maxiter, preconditioner_rank)
     trains = _as_kernels(k_train_train, "k_train_train", name)
     if not trains:
         raise ValueError(f"{name}: k_train_train holds neither an nngp nor an ntk kernel.")
@@ -129,6 +138,44 @@ def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
             return out[gets[0]]
         return collections.namedtuple("Gaussians", gets)(**out)
 
+    return predict_fn
+
+
+def _operator_inference(op, y_train: Tensor, diag_reg: float, absolute: bool, rtol: float,
+                        maxiter: Optional[int], rank: int) -> Callable[..., Any]:
+    """``gp_inference`` with one kernel given as an operator: the GP posterior of that kernel,
+    every solve by conjugate gradients."""
+    from torch_ntk.dynamics._mse import _check_operator_targets
+
+    name = "gp_inference"
+    y_shape = _check_operator_targets(op, y_train, diag_reg, name)
+    system = OperatorSystem(op, y_shape, float(diag_reg), absolute, rtol=rtol,
+                            maxiter=maxiter, rank=rank, name=name)
+    n, kk, coupled, dtype = system.n, system.kk, system.coupled, system.dtype
+    y2 = y_train.detach().to(system.device, dtype).reshape(n, kk)
+    y_vec = y2.reshape(n * kk, 1) if coupled else y2
+    trains = {"single": op}
+    checked = {"single": (None, y_shape, coupled)}
+    regs = {"single": system}
+
+    def predict_fn(get: Union[str, Sequence[str], None] = None, k_test_train: Any = None,
+                   k_test_test: Any = None):
+        """Posterior mean (and covariance); see ``gp_inference``."""
+        gets, single = _canonical_get(get, trains, "predict_fn")
+        tests = None if k_test_train is None else _as_kernels(k_test_train, "k_test_train",
+                                                              "predict_fn")
+        priors = None
+        if k_test_test is not None:
+            priors = ({} if tests is None
+                      else _as_kernels(k_test_test, "k_test_test", "predict_fn"))
+        out = {g: _posterior(g, True, regs, checked, lambda _, rhs: system.solve(rhs), y_vec,
+                             y_shape, tests, priors, n, kk, coupled, dtype) for g in gets}
+        predict_fn.last = system.last
+        if single:
+            return out[gets[0]]
+        return collections.namedtuple("Gaussians", gets)(**out)
+
+    predict_fn.last = None
     return predict_fn
 
 

@@ -47,6 +47,15 @@ def _openmp_flags(cxx: str) -> list[str]:
     return ["-fopenmp"] if ok else []
 
 
+def _docs_requirements() -> list[str]:
+    """The ``docs`` extra: docs/requirements.txt, which the README's docs command installs."""
+    path = os.path.join(ROOT, "docs", "requirements.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
@@ -112,6 +121,7 @@ setup(
         "test": ["pytest", "scipy", "hypothesis", "matplotlib", "tqdm", "scikit-learn",
                  "torchdiffeq", "transformers", "timm"],
         "ode": ["torchdiffeq"],
+        "docs": _docs_requirements(),
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

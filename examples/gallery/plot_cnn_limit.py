@@ -39,7 +39,7 @@ theta_inf = torch_ntk.analytic_ntk(cnn(8), x)                # (40, 40); channel
 # Empirical kernels with more and more channels
 # ---------------------------------------------
 # Two random initialisations per channel count; the error is their mean.
-channels = [16, 64, 256]
+channels = [8, 32, 128]
 errors = []
 for c in channels:
     runs = []

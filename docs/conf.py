@@ -85,7 +85,7 @@ sphinx_gallery_conf = {
     "remove_config_comments": True,
     "image_scrapers": ("matplotlib",),
     "matplotlib_animations": False,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "ExampleTitleSortKey",
     "abort_on_example_error": False,    # a failing example is a build error under -W anyway
     "show_memory": False,
     "min_reported_time": 1,
@@ -116,11 +116,10 @@ _STAR = re.compile(r"(?<=[\[, (])\*(?=\w)")
 
 
 def _escape_shape_stars(app, what, name, obj, options, lines):
-    for i, line in enumerate(lines):
-        parts = line.split("``")
-        for j in range(0, len(parts), 2):          # even parts are outside ``...``
-            parts[j] = _STAR.sub(r"\\*", parts[j])
-        lines[i] = "``".join(parts)
+    parts = "\n".join(lines).split("``")      # a literal may span lines
+    for j in range(0, len(parts), 2):          # even parts are outside ``...``
+        parts[j] = _STAR.sub(r"\\*", parts[j])
+    lines[:] = "``".join(parts).split("\n")
 
 
 def _check_public_names_documented(app, env):
@@ -147,5 +146,5 @@ def public_names() -> list[str]:
 
 
 def setup(app):
-    app.connect("autodoc-process-docstring", _escape_shape_stars)
+    app.connect("autodoc-process-docstring", _escape_shape_stars, priority=100)  # before napoleon
     app.connect("env-check-consistency", _check_public_names_documented)

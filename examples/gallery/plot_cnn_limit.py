@@ -53,14 +53,15 @@ for c in channels:
 # %%
 # The limit as an image, and the distance to it
 # ---------------------------------------------
-# Digits of the same class are more alike under the kernel, which shows as blocks along the
-# diagonal.
+# Left: the limit normalised to a unit diagonal, ``Θ∞(x, x') / sqrt(Θ∞(x, x) Θ∞(x', x'))``,
+# on the digits sorted by label. Right: the empirical kernels' distance to the limit.
+norm = theta_inf.diagonal().sqrt()
 fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-image = left.imshow(theta_inf, cmap="viridis")
+image = left.imshow(theta_inf / norm[:, None] / norm[None, :], cmap="viridis")
 ticks = [list(labels).index(d) for d in range(10)]
 left.set_xticks(ticks, range(10))
 left.set_yticks(ticks, range(10))
-left.set(title="Θ∞ on 40 digits (sorted by label)")
+left.set(title="normalised Θ∞ on 40 digits, sorted by label")
 fig.colorbar(image, ax=left)
 right.loglog(channels, errors, "o-", label="empirical NTK / 10")
 right.loglog(channels, [errors[0] * (c / channels[0]) ** -0.5 for c in channels], "k:",

@@ -1,6 +1,6 @@
 """Every ```python block of the user guide runs: per page, in order, in one fresh namespace.
 
-The pages are Markdown (docs/*.md, docs/guide/*.md); a block that raises fails its page's test.
+The pages are Markdown (README.md, docs/*.md, docs/guide/*.md); a block that raises fails its page's test.
 Each page runs in a temporary working directory (files it writes land there) with the variables
 ``torch.distributed.init_process_group`` reads set for a single rank, so the distributed page
 runs as one process.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted([*DOCS.glob("*.md"), *(DOCS / "guide").glob("*.md")])
+PAGES = [DOCS.parent / "README.md", *sorted([*DOCS.glob("*.md"), *(DOCS / "guide").glob("*.md")])]
 BLOCK = re.compile(r"^```python\n(.*?)^```\s*$", re.S | re.M)
 
 
@@ -35,7 +35,7 @@ def test_the_guide_has_code():
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p.read_text())],
-                         ids=lambda p: str(p.relative_to(DOCS)))
+                         ids=lambda p: str(p.relative_to(DOCS.parent)))
 def test_page_snippets_run(page, tmp_path, monkeypatch):
     import torch
 

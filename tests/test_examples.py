@@ -33,3 +33,12 @@ def test_timm_layer_kernels(tmp_path):
     shares = [float(line.split()[-1].rstrip("%")) for line in text.splitlines()
               if line.startswith("  ")]
     assert abs(sum(shares) - 100) < 0.5 and out.stat().st_size > 0
+
+
+def test_data_attribution():
+    pytest.importorskip("sklearn")
+    text = _run("data_attribution.py", "--train", "200", "--test", "20", "--dims", "64", "2048",
+                "--epochs", "5")
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    corr = {int(r[0]): float(r[2]) for r in rows}
+    assert set(corr) == {64, 2048} and corr[2048] > 0.9 and corr[2048] > corr[64], text

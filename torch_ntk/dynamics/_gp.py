@@ -34,7 +34,7 @@ class Gaussian(NamedTuple):
 def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
                  diag_reg_absolute_scale: bool = False, rtol: float = 1e-6,
                  maxiter: Optional[int] = None,
-                 preconditioner_rank: int = 100) -> Callable[..., Any]:
+                 preconditioner_rank: int = 1024) -> Callable[..., Any]:
     """Posterior of the NNGP, and the distribution of the NTK ensemble trained to ``t = ∞``.
 
     With ``K`` the NNGP (the prior covariance of the network at initialisation), ``Θ`` the

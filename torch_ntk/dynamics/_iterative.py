@@ -2,10 +2,12 @@
 and ``gp_inference`` by preconditioned conjugate gradients (``t = ∞``) and the matrix functions
 of finite times by Lanczos, never forming the kernel.
 
-The regularised kernel is ``A = Θ + reg·I``. ``pcg`` solves ``A X = B`` column by column with a
-randomized Nyström preconditioner (Frangella, Tropp and Udell 2023): ``A Ω`` for ``rank``
-Gaussian columns gives ``Θ ≈ U Λ Uᵀ``, and ``P⁻¹ = (λ_r + reg) U (Λ + reg)⁻¹ Uᵀ + I − U Uᵀ``
-leaves CG the condition number of the rest of the spectrum. ``lanczos`` gives ``f(A) b`` as
+The regularised kernel is ``A = Θ + reg·I``. ``pcg`` solves ``A X = B`` column by column,
+preconditioned by a low-rank ``Θ ≈ U Λ Uᵀ`` (``P⁻¹ = (λ_r + reg) U (Λ + reg)⁻¹ Uᵀ + I − U Uᵀ``,
+as in Frangella, Tropp and Udell 2023), which leaves CG the condition number of the rest of the
+spectrum. For an ``NTKOperator`` the low-rank part comes from its random features (one pass over
+the data, about the cost of one product); for other operators from a randomized Nyström
+approximation (``A Ω`` for ``rank`` Gaussian columns). ``lanczos`` gives ``f(A) b`` as
 ``‖b‖ Q f(T) e₁`` from the Krylov basis Q (fully reorthogonalised) and tridiagonal T.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 _log = logging.getLogger("torch_ntk")
+_RESTARTS = 3   # CG runs restarted from the true residual when the recurrence's drifted
 
 
 @dataclass
@@ -50,7 +53,8 @@ class OperatorSystem:
         diag_reg (float), absolute (bool): the ridge, as for tensors.
         rtol (float): relative residual CG and Lanczos stop at.
         maxiter (int, optional): iterations allowed (default: 10 times the operator's size).
-        rank (int): columns of the Nyström preconditioner (0: none).
+        rank (int): the preconditioner's rank (0: none): the width of the random features
+            of an NTKOperator, or of a Nyström approximation for other operators.
         name (str): the caller, for errors.
     """
 
@@ -94,9 +98,17 @@ class OperatorSystem:
         """``A⁻¹ b`` for b Tensor[size, r] by preconditioned CG; records ``last``."""
         self._matvecs = 0
         precondition = self._preconditioner()
-        x, iterations = pcg(self.apply, b, precondition, self.rtol, self.maxiter)
-        true = (b - self.apply(x)).norm(dim=0) / b.norm(dim=0).clamp_min(1e-300)
-        residual = float(true.max()) if true.numel() else 0.0
+        x, iterations = torch.zeros_like(b), 0
+        norms = b.norm(dim=0).clamp_min(1e-300)
+        r, runs = b, 0
+        while True:   # restarted from the true residual, which rounding in the recurrences
+            residual = float((r.norm(dim=0) / norms).max()) if r.numel() else 0.0   # can leave
+            if residual <= self.rtol or iterations >= self.maxiter or runs > _RESTARTS:
+                break
+            dx, steps = pcg(self.apply, r, precondition, self.rtol * 0.5,
+                            self.maxiter - iterations, scale=norms)
+            x, iterations, runs = x + dx, iterations + steps, runs + 1
+            r = b - self.apply(x)
         self._record(Solve("cg", iterations, residual, self._matvecs))
         if residual > self.rtol * 10:
             raise ValueError(
@@ -123,9 +135,15 @@ class OperatorSystem:
         if self.rank <= 0:
             return None
         if self._nystrom is None:
-            self._nystrom = nystrom(lambda v: self.op.matmul(v), self.op.shape[0], self.rank,
-                                    self.dtype, self.device)
-            self._matvecs += self.rank
+            if hasattr(self.op, "features"):   # Θ ≈ F Fᵀ from the random features, by SVD
+                width = max(1, self.rank // (1 if self.coupled else self.op.k))
+                f = self.op.features(width).reshape(self.op.shape[0], -1).double()
+                u, s, _ = torch.linalg.svd(f, full_matrices=False)
+                self._nystrom = (u.to(self.dtype), (s * s).to(self.dtype))
+            else:
+                self._nystrom = nystrom(lambda v: self.op.matmul(v), self.op.shape[0],
+                                        self.rank, self.dtype, self.device)
+                self._matvecs += self.rank
         u, lam = self._nystrom
         mu = self.reg
         if mu <= 0:
@@ -134,15 +152,16 @@ class OperatorSystem:
 
 
 def pcg(apply: Callable[[Tensor], Tensor], b: Tensor, precondition, rtol: float,
-        maxiter: int) -> tuple[Tensor, int]:
-    """Solves ``A X = B`` (columns independently) for symmetric positive definite A.
+        maxiter: int, scale: Tensor | None = None) -> tuple[Tensor, int]:
+    """Solves ``A X = B`` (columns independently) for symmetric positive definite A, until
+    ``‖r‖ <= rtol · scale`` per column (``scale``: ``‖b‖`` by default).
 
     Returns:
         (X Tensor[size, r], iterations the slowest column took).
     """
     x = torch.zeros_like(b)
     r = b.clone()
-    norms = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
+    norms = (b.norm(dim=0) if scale is None else scale).clamp_min(torch.finfo(b.dtype).tiny)
     z = precondition(r) if precondition else r
     p = z.clone()
     rz = (r * z).sum(0)

@@ -18,7 +18,7 @@ from torch_ntk.dynamics._iterative import OperatorSystem, is_operator
 def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: float = 1.0,
                          diag_reg: float = 0.0, *, diag_reg_absolute_scale: bool = False,
                          rtol: float = 1e-6, maxiter: int | None = None,
-                         preconditioner_rank: int = 100) -> PredictFn:
+                         preconditioner_rank: int = 1024) -> PredictFn:
     """Predicts outputs of continuous-time gradient descent on the MSE loss with a fixed kernel.
 
     The kernel's shape decides how outputs interact:
@@ -29,8 +29,8 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
       the outputs are coupled; the kernel is used as the ``(N·K, N·K)`` matrix
       ``k.permute(0, 2, 1, 3).reshape(N·K, N·K)``.
     - ``torch_ntk.NTKOperator`` (``mode="trace"`` like ``(N, N)``, ``"full"`` like
-      ``(N, N, K, K)``): never formed. ``t=None`` solves by conjugate gradients with a
-      randomized Nyström preconditioner, finite ``t`` by Lanczos; both stop at ``rtol`` and
+      ``(N, N, K, K)``): never formed. ``t=None`` solves by conjugate gradients,
+      preconditioned by the operator's random features, finite ``t`` by Lanczos; both stop at ``rtol`` and
       ``predict_fn.last`` tells the iterations and residual reached (also logged at INFO).
 
     The eigendecomposition (finite ``t``) or Cholesky factor (``t=None``) of the
@@ -47,7 +47,8 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
         diag_reg_absolute_scale (bool): if True, adds ``diag_reg · I`` instead.
         rtol (float), maxiter (int, optional), preconditioner_rank (int): for an operator
             only: the relative residual to reach, the iterations allowed (default: 10 times the
-            operator's size) and the Nyström preconditioner's rank (0: none).
+            operator's size) and the preconditioner's rank, the width of its random
+            features (0: none).
 
     Returns:
         Callable: ``predict_fn(t=None, fx_train_0=0.0, fx_test_0=None, k_test_train=None)``.

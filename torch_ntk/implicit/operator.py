@@ -98,6 +98,12 @@ class NTKOperator:
             parts.append(torch.diagonal(tile, 0, 0, 1).movedim(-1, 0).reshape(-1))
         return torch.cat(parts)
 
+    def features(self, dim: int, seed: int = 0) -> Tensor:
+        """``ntk_features`` of the operator's inputs (over its parameters and output),
+        Tensor[N, K, dim]: ``Θ ≈ Σ_d φ_d φ_dᵀ``, e.g. a preconditioner's low-rank part."""
+        from torch_ntk.implicit.features import ntk_features
+        return ntk_features(self._model, self._x, dim, seed=seed, params=list(self._params))
+
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) for ``cg``,
         ``minres``, ``eigsh``, ``lobpcg`` and friends."""

@@ -220,3 +220,34 @@ def test_predict_says_when_cg_falls_short():
            torch.zeros(2, 30, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"shape \(N, N\) = \(29, 29\)"):
         predict.gradient_descent_mse(op, torch.randn(29), diag_reg=1e-3)
+
+
+def test_predict_with_any_operator_uses_nystrom():
+    """An operator without random features (here a dense matrix behind the protocol) gets a
+    randomized Nyström preconditioner."""
+    from torch_ntk import predict
+
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64))
+    k = basis @ torch.diag(1.0 / torch.arange(1, 51, dtype=torch.float64) ** 2) @ basis.T
+
+    class Dense:
+        shape, dtype, device, mode = (50, 50), torch.float64, torch.device("cpu"), "trace"
+
+        def matmul(self, v):
+            return k @ v
+
+        def diagonal(self):
+            return k.diagonal()
+
+    y = torch.randn(50, 1, generator=g, dtype=torch.float64)
+    fn = predict.gradient_descent_mse(Dense(), y, diag_reg=1e-4, rtol=1e-10,
+                                      preconditioner_rank=25)
+    kt = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    want = predict.gradient_descent_mse(k, y, diag_reg=1e-4)(None, None, 0.0, kt)
+    got = fn(None, None, 0.0, kt)
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
+    plain = predict.gradient_descent_mse(Dense(), y, diag_reg=1e-4, rtol=1e-10,
+                                         preconditioner_rank=0)
+    assert torch.allclose(plain(None, None, 0.0, kt), want, rtol=1e-8, atol=1e-10)
+    assert fn.last.iterations < plain.last.iterations / 2   # the top 25 taken out

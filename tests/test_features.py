@@ -11,21 +11,24 @@ import torch_ntk
 from torch_ntk.implicit.sketch import Hashes
 
 
-def explicit_sketch(model, x, dim, seed=0, names=None):
-    """The count sketch of the torch.func per-sample Jacobian, Tensor[N, K, dim]."""
+def explicit_sketch(model, x, dim, seed=0, names=None, prefix=""):
+    """The count sketch of the torch.func per-sample Jacobian, Tensor[N, K, dim]; x a tensor
+    or a tuple of batch tensors (``model(*x)``); hashes by parameter name less ``prefix``."""
     params = {k: v.detach() for k, v in model.named_parameters()
               if v.requires_grad and (names is None or k in names)}
     frozen = {k: v.detach() for k, v in model.named_parameters() if k not in params}
+    xs = x if isinstance(x, tuple) else (x,)
 
-    def f(p, xi):
-        return functional_call(model, {**p, **frozen}, (xi[None],)).reshape(-1)
+    def f(p, *xi):
+        return functional_call(model, {**p, **frozen}, tuple(t[None] for t in xi)).reshape(-1)
 
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)
-    n, k = x.shape[0], next(iter(jac.values())).shape[1]
-    hashes = Hashes({name: p.shape for name, p in params.items()}, dim, seed, x.device)
+    jac = vmap(jacrev(f), in_dims=(None,) + (0,) * len(xs))(params, *xs)
+    n, k = xs[0].shape[0], next(iter(jac.values())).shape[1]
+    hashes = Hashes({name[len(prefix):]: p.shape for name, p in params.items()}, dim, seed,
+                    xs[0].device)
     out = torch.zeros(n, k, dim, dtype=next(iter(params.values())).dtype)
     for name, p in params.items():
-        buckets, signs = hashes.flat(name, 0, p.numel())
+        buckets, signs = hashes.flat(name[len(prefix):], 0, p.numel())
         out.index_add_(2, buckets, jac[name].reshape(n, k, -1) * signs.to(out.dtype))
     return out
 
@@ -207,3 +210,71 @@ def test_gate_on_one_sample_is_exact():
     x[9, 0] = 3.0
     phi = torch_ntk.ntk_features(model, x, 32)
     assert torch.allclose(phi, explicit_sketch(model, x, 32), rtol=0, atol=1e-12)
+
+
+class _Keyword(nn.Module):
+    """A Hugging Face model called with a tuple, for the reference."""
+
+    def __init__(self, model, output):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, ids, mask):
+        return self.output(self.model(input_ids=ids, attention_mask=mask))
+
+
+def test_hugging_face_gpt2_with_tied_embeddings():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0,
+        eos_token_id=0, attn_implementation="eager")).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (5, 7), generator=g)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+
+    def output(o):
+        return o.logits[:, -1, :4]
+
+    phi = torch_ntk.ntk_features(model, {"input_ids": ids, "attention_mask": mask}, 96,
+                                 output=output)
+    ref = explicit_sketch(_Keyword(model, output), (ids, mask), 96, prefix="model.")
+    assert (phi - ref).abs().max() <= 1e-12 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("name,size", [("convnext_atto", 32), ("vit_tiny_patch16_224", 32)])
+def test_timm_models(name, size):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    extra = {"img_size": size} if "patch16" in name else {}
+    model = timm.create_model(name, pretrained=False, num_classes=3, **extra).double().eval()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    phi = torch_ntk.ntk_features(model, x, 64)
+    ref = explicit_sketch(model, x, 64)
+    assert (phi - ref).abs().max() <= 1e-12 * float(ref.abs().max())
+
+
+def _hooked():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda m, i, o: 3.0 * o)
+    return model
+
+
+@pytest.mark.parametrize("name", ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook"])
+def test_hostile_models(name):
+    """Models whose layers the structured method can't take as they come (a reordered batch,
+    a weight used elsewhere for some samples, a table reused as the head, a rescaling hook):
+    their features are still the sketch of their own gradients."""
+    import test_hostile
+
+    torch.manual_seed(0)
+    model = (_hooked() if name == "hook" else getattr(test_hostile, name)()).double()
+    if name == "TiedHead":
+        x = torch.randint(0, 9, (7, 3))
+    else:
+        x = torch.randn(7, 3, dtype=torch.float64)
+        x[0, 0], x[-1, 0] = -1.0, 1.0
+    phi = torch_ntk.ntk_features(model, x, 48)
+    ref = explicit_sketch(model, x, 48)
+    assert (phi - ref).abs().max() <= 1e-12 * float(ref.abs().max())

@@ -225,8 +225,8 @@ class KernelPlan:
                                                           self.dtype, max(n1, n2))
             self.rows = _blocks(n1, size)
             self.cols = self.rows if self.symmetric else _blocks(n2, size)
-            self._budget = (_CACHE_BYTES if self.batch_size is None else
-                            _CACHED_BLOCKS * size * self.engine.bytes_per_sample(self.k))
+            self._budget = _cache_budget(self.engine, self.k, n2, size, self.batch_size,
+                                         self.x1.device)
             self.direction = verify.direction(self.model, self.params)
             _log_choice(self, "")
             self._generation = 0   # bumped when a failed check changes the engine
@@ -565,6 +565,36 @@ def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int) -
     by_tile = int(math.sqrt(_TILE_BYTES / per_pair))
     by_factors = _FACTOR_BYTES // max(1, engine.bytes_per_sample(k))
     return max(1, min(n, by_tile, by_factors))
+
+
+def _cache_budget(engine, k: int, n2: int, size: int, asked: int | None,
+                  device: torch.device) -> int:
+    """Bytes of x2's block factors kept for reuse across row blocks.
+
+    A column block that isn't kept is computed again for every row block (about B²/2 factor
+    passes instead of B), so by default every column block is kept when they all fit in half
+    of the memory free now, and at least ``_CACHE_BYTES`` are. With ``batch_size`` given, the
+    caller bounds memory: ``_CACHED_BLOCKS`` blocks.
+    """
+    per_block = size * engine.bytes_per_sample(k)
+    if asked is not None:
+        return _CACHED_BLOCKS * per_block
+    every = n2 * engine.bytes_per_sample(k)
+    return int(max(_CACHE_BYTES, min(every, _free_bytes(device) // 2)))
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free now on the device (0 when unknown)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return 0
 
 
 def _blocks(n: int, size: int) -> list[slice]:

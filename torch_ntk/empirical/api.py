@@ -187,8 +187,9 @@ class KernelPlan:
 
     def __init__(self, model: nn.Module, x1, x2=None, *, mode: str = "full",
                  method: str = "auto", batch_size: int | None = None, params=None,
-                 output=None) -> None:
+                 output=None, positions: bool = False) -> None:
         batch_size = checks.check_options(mode, method, batch_size)
+        self.positions = positions   # factors by position where a layer has them (features)
         model = _original_module(model)
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -325,11 +326,11 @@ class KernelPlan:
         """
         if (side, start) in self._checked:  # recomputed for a tile: checked already
             with state.no_autocast(), checks.checkpoint_errors():
-                return self.engine.factors(x)
+                return self._engine_factors(x)
         while True:
             with state.no_autocast(), state.exact_matmul(), checks.checkpoint_errors():
                 try:
-                    factors = self.engine.factors(x, self.direction)
+                    factors = self._engine_factors(x, self.direction)
                 except StructureChanged:
                     if self.method != "auto":
                         raise
@@ -341,6 +342,11 @@ class KernelPlan:
                 if verdict.ok or self._repair(x, verdict, start, side):
                     self._checked.add((side, start))
                     return verdict.factors
+
+    def _engine_factors(self, x: Tensor, r=None) -> Factors:
+        if self.positions and isinstance(self.engine, StructuredNTK):
+            return self.engine.factors(x, r, positions=True)
+        return self.engine.factors(x, r)
 
     def _repair(self, x: Tensor, verdict, start: int, side: str) -> bool:
         """Acts on a failed check; True: the factors stand as computed (see above)."""

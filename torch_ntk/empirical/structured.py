@@ -169,12 +169,14 @@ class StructuredNTK:
         total = k * sum(p.numel() for p in self.foreign.values()) * itemsize
         return int(total + sum(l.rule.cost(l, k)[1] for l in self.layers))
 
-    def factors(self, x: Tensor, r: dict[str, Tensor] | None = None) -> Factors:
+    def factors(self, x: Tensor, r: dict[str, Tensor] | None = None,
+                positions: bool = False) -> Factors:
         """Gram factors of a block of inputs x (Tensor[n, *in_shape]).
 
         With a parameter direction ``r`` (by parameter name), ``projection`` holds the
         factors' prediction of ``J(x) r`` for ``verify``; ``outputs`` is always the block's
-        output (Tensor[n, K]).
+        output (Tensor[n, K]). With ``positions``, layers whose per-sample gradient is a sum
+        over positions of outer products give those (``Rule.position_factors``) instead.
         """
         n = x.shape[0]
         with _recording(self.layers, clone=True) as calls, torch.enable_grad():
@@ -193,8 +195,12 @@ class StructuredNTK:
             r_layer = None if r is None else self._relative(layer, r)
             owner = self._owner(layer)
             full = {rel: name_of[id(p)] for rel, p in layer.params.items()}
+            entries = None
             if layer.gram:
                 entries = layer.rule.gram_factors(layer, recorded[0], per_call[0])
+            elif positions and not layer.rule.uses_tokens(layer):
+                entries = layer.rule.position_factors(layer, recorded, per_call)
+            if entries is not None:
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
                 weight, bias = (None, None) if r is None else layer.rule.gram_direction(
                     layer, r_layer)

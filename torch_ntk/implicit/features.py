@@ -17,8 +17,9 @@ def ntk_features(model: nn.Module, x, dim: int, *, seed: int = 0, params=None, o
 
     φ(x)_a is a count sketch of the per-sample gradient ``∂f_a(x)/∂θ`` into ``dim`` buckets,
     computed from the structured method's factors: a Linear or Conv layer's share is sketched
-    from its inputs and output gradients (an FFT per position), never as a ``q × p`` gradient,
-    so memory is ``O(N·K·dim)`` plus the model's activations of one block. The estimate is
+    from its inputs and output gradients (an FFT per position, over sequences and image
+    positions too), never as a ``q × p`` gradient, so memory is ``O(N·K·dim)`` plus the
+    model's activations of one block. The estimate is
     unbiased for every ``dim``; its relative error falls as ``dim^-1/2``. The hashes depend only
     on ``seed``, ``dim`` and the parameters' names and shapes, so features of batches computed
     separately (or on other machines) with the same seed live in one space. Every block passes
@@ -44,7 +45,7 @@ def ntk_features(model: nn.Module, x, dim: int, *, seed: int = 0, params=None, o
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"ntk_features: seed must be an int, got {seed!r}.")
     with KernelPlan(model, x, None, mode="full", batch_size=batch_size, params=params,
-                    output=output) as plan:
+                    output=output, positions=True) as plan:
         names = plan.user_names()
         shapes = {names[n]: p.shape for n, p in plan.params.items()}
         hashes = Hashes(shapes, int(dim), int(seed), plan.x1.device)

@@ -91,6 +91,13 @@ class Rule:
         """Gram entries ``(h [n, p], d [n, K, q], c)`` of a layer with ``uses_gram``."""
         raise NotImplementedError
 
+    def position_factors(self, layer: Layer, calls: list[Call], deltas: list[list[Tensor]]
+                         ) -> list[tuple[Tensor, Tensor, float]] | None:
+        """The per-sample gradient ``Σ_t δ_t h_tᵀ`` (over every call and position t) as Gram
+        entries ``(h_t [n, p], d_t [n, K, q], c)`` in the layout of ``gram_direction``, or None
+        where it is no such sum (what ``ntk_features`` sketches position by position)."""
+        return None
+
     def uses_tokens(self, layer: Layer) -> bool:
         return False
 

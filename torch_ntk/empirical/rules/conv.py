@@ -66,6 +66,13 @@ class ConvRule(Rule):
             entries.append((h.contiguous(), d[t].contiguous(), c))
         return entries
 
+    def position_factors(self, layer: Layer, calls: list[Call], deltas: list[list[Tensor]]
+                         ) -> list[tuple[Tensor, Tensor, float]] | None:
+        if layer.module.groups != 1:   # a grouped weight is no outer product over channels
+            return None
+        return [e for call, delta in zip(calls, deltas)
+                for e in self.gram_factors(layer, call, delta)]
+
     def gram_direction(self, layer: Layer, r: dict[str, Tensor]
                        ) -> tuple[Tensor, Tensor | None]:
         w = layer.module.weight

@@ -61,6 +61,23 @@ class LinearRule(Rule):
         weight = r["weight"] if "weight" in layer.params else w.new_empty(w.shape[0], 0)
         return weight, r.get("bias")
 
+    def position_factors(self, layer: Layer, calls: list[Call], deltas: list[list[Tensor]]
+                         ) -> list[tuple[Tensor, Tensor, float]]:
+        alpha, beta = _scales(layer.module)
+        c = beta ** 2 if "bias" in layer.params else 0.0
+        entries = []
+        for call, delta in zip(calls, deltas):
+            bd = call.in_dims[0]
+            h = call.inputs()[0].movedim(bd, 0)
+            n, p = h.shape[0], h.shape[-1]
+            h = h.reshape(n, -1, p) * alpha if "weight" in layer.params else h.new_empty(n, 1, 0)
+            d = delta[0].movedim(bd + 1, 1)
+            d = d.reshape(d.shape[0], n, -1, d.shape[-1])               # (K, n, T, q)
+            for t in range(d.shape[2]):
+                h_t = h[:, t] if h.shape[2] else h[:, 0]
+                entries.append((h_t.contiguous(), d[:, :, t].transpose(0, 1), c))
+        return entries
+
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         alpha, beta = _scales(layer.module)

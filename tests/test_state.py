@@ -290,3 +290,37 @@ def test_out_sharing_memory_with_the_model_is_refused(alias):
         checks.check_out(out, (4, 4), F64, inputs=(torch.randn(4, 3, dtype=F64), None),
                          model=model)
     checks.check_out(torch.empty(4, 4, dtype=F64), (4, 4), F64, model=model)
+
+
+def test_threads_capped_while_other_processes_compute(monkeypatch):
+    """With every other CPU busy a call runs on one intra-op thread, then restores the count;
+    an idle machine keeps the user's count."""
+    from torch_ntk.empirical import state
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    before = torch.get_num_threads()
+    seen = []
+    handle = model[0].register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    try:
+        monkeypatch.setattr(state, "_busy_elsewhere", lambda: state._cpus())
+        torch_ntk.empirical_ntk(model, x)
+        assert set(seen) == {1} and torch.get_num_threads() == before
+        with pytest.raises(ValueError):
+            torch_ntk.empirical_ntk(model, x, mode="nope")
+        with pytest.raises(RuntimeError):     # the model's own error, from the probe
+            torch_ntk.empirical_ntk(model, torch.randn(5, 4))
+        assert torch.get_num_threads() == before
+        seen.clear()
+        monkeypatch.setattr(state, "_busy_elsewhere", lambda: 0)
+        torch_ntk.empirical_ntk(model, x)
+        assert set(seen) == {before}
+    finally:
+        handle.remove()
+
+
+def test_busy_elsewhere_reads_proc():
+    from torch_ntk.empirical import state
+
+    busy = state._busy_elsewhere()
+    assert isinstance(busy, int) and 0 <= busy

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-kernel", action="store_true",
                        help="skip the native-vs-pure-torch Gram-sum kernel table "
                             "(never run with --models)")
+    bench.add_argument("--busy-cores", type=int, default=0,
+                       help="keep this many cores busy with other processes while measuring "
+                            "(a shared machine; default: 0)")
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
 
     args = parser.parse_args(argv)
@@ -66,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench_command(args: argparse.Namespace) -> int:
     from torch_ntk.apps.bench import methods as bench_methods
-    if args.models:
-        result = _bench_zoo(args, bench_methods)
-    else:
-        result = _bench_mlp(args, bench_methods)
+    from torch_ntk.apps.bench.harness import busy_cores
+    with busy_cores(max(0, args.busy_cores)):
+        if args.models:
+            result = _bench_zoo(args, bench_methods)
+        else:
+            result = _bench_mlp(args, bench_methods)
+    result["busy_cores"] = max(0, args.busy_cores)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -205,7 +205,13 @@ class KernelPlan:
         self._state: state.ModelState | None = None
 
     def __enter__(self) -> "KernelPlan":
-        self._state = state.ModelState(self.model)
+        self._threads = state.fair_threads()
+        self._threads.__enter__()
+        try:
+            self._state = state.ModelState(self.model)
+        except BaseException:
+            self._threads.__exit__(None, None, None)
+            raise
         try:
             # Under the model's lock: another call may have parameters swapped out right now.
             self.params = checks.check_model(self.model, self.select)
@@ -239,11 +245,15 @@ class KernelPlan:
             self._row: tuple = (None, None, None)
         except BaseException:
             self._state.restore()
+            self._threads.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._state.restore()
+        try:
+            self._state.restore()
+        finally:
+            self._threads.__exit__(None, None, None)
         self._cache = None   # it holds a bound method of the plan: no cycle keeps the model alive
 
     def tiles(self) -> list[tuple[int, int]]:

@@ -76,12 +76,13 @@ class NTKOperator:
         if not (v.is_floating_point() and torch.isfinite(v).all()):
             raise ValueError("NTKOperator: v must be a finite floating tensor.")
         vectors = v.detach().to(self.device, self.dtype).reshape(self.shape[0], -1)
-        held = state.ModelState(self._user_model)
-        try:
-            with state.no_autocast(), state.exact_matmul(), checks.checkpoint_errors():
-                result = self._product(vectors)
-        finally:
-            held.restore()
+        with state.fair_threads():
+            held = state.ModelState(self._user_model)
+            try:
+                with state.no_autocast(), state.exact_matmul(), checks.checkpoint_errors():
+                    result = self._product(vectors)
+            finally:
+                held.restore()
         self.matvecs += vectors.shape[1]
         return result.reshape(v.shape)
 

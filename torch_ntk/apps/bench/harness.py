@@ -134,6 +134,27 @@ def rss_kib(field: str = "VmRSS") -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+class busy_cores:
+    """Context manager: ``n`` processes that keep a core busy each (a plain Python loop), for
+    timing on a shared machine; stopped on exit."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.procs = n, []
+
+    def __enter__(self) -> "busy_cores":
+        for _ in range(self.n):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        time.sleep(0.5 if self.n else 0)   # running before the first measurement
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+        self.procs = []
+
+
 def load_average() -> float:
     """The 1-minute load average (other processes compete for the cores), NaN if unknown."""
     try:

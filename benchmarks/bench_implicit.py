@@ -74,7 +74,6 @@ def variance(seeds: int = 8) -> dict:
 
 
 def _mlp(widths: list[int], dtype):
-    import torch
     from torch import nn
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):

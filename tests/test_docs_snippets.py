@@ -7,7 +7,6 @@ runs as one process.
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path

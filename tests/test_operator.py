@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torch_ntk
-from test_features import TokenModel, conv_model
+from test_features import CASES, TokenModel
 
 
 def dense(model, x, mode, **kw):
@@ -15,16 +15,6 @@ def dense(model, x, mode, **kw):
         n, _, kk, _ = k.shape
         k = k.permute(0, 2, 1, 3).reshape(n * kk, n * kk)
     return k
-
-
-CASES = {
-    "mlp": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)),
-            lambda g: torch.randn(9, 5, generator=g)),
-    "mlp_k1": (lambda: nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 1)),
-               lambda g: torch.randn(7, 4, generator=g)),
-    "conv": (conv_model, lambda g: torch.randn(5, 2, 4, 4, generator=g)),
-    "tokens": (TokenModel, lambda g: torch.randint(0, 11, (6, 5), generator=g)),
-}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -230,3 +230,18 @@ def _canonical_get(get: Any, available: dict, name: str) -> tuple[tuple[str, ...
         raise ValueError(f"{name}: get={get!r} asks for {missing} but the training kernels "
                          f"only hold {sorted(available)}; pass them to the parent function.")
     return gets, single
+
+
+def _check_operator_targets(op, y: Tensor, diag_reg: float, name: str) -> tuple[int, ...]:
+    """Validates the targets against a kernel operator; returns y's shape."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name}: y_train must be a torch.Tensor, got {type(y).__name__}.")
+    if y.ndim == 0:
+        raise ValueError(f"{name}: y_train must have shape (N,) or (N, *out_shape), got a scalar.")
+    if op.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: the kernel operator must compute in float32 or float64, "
+                         f"got {op.dtype}.")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{name}: y_train contains NaN or infinite values.")
+    _check_diag_reg(diag_reg, name)
+    return tuple(y.shape)

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from torch_ntk.dynamics._checks import (_add_diagonal_regularizer, _as_kernels, _canonical_get,
-                                        _check_diag_reg, _check_learning_rate, _check_times,
-                                        _check_train, _Scalar)
+                                        _check_diag_reg, _check_learning_rate,
+                                        _check_operator_targets, _check_times, _check_train,
+                                        _Scalar)
 from torch_ntk.dynamics._iterative import OperatorSystem, is_operator
 
 
@@ -120,6 +121,15 @@ def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
             chols[g] = _cholesky(regs[g], "gp_inference")
         return torch.cholesky_solve(rhs, chols[g])
 
+    return _inference_fn(trains, checked, regs, solve, y_vec, y_shape, n, kk, coupled, dtype)
+
+
+def _inference_fn(trains: dict, checked: dict, regs: dict, solve: Callable, y_vec: Tensor,
+                  y_shape: tuple, n: int, kk: int, coupled: bool, dtype: torch.dtype,
+                  last: Callable[[], Any] = lambda: None) -> Callable[..., Any]:
+    """``predict_fn`` of ``gp_inference`` over checked training kernels and their ``solve``;
+    ``last()`` is what the last solve reached (``predict_fn.last``)."""
+
     def predict_fn(get: Union[str, Sequence[str], None] = None, k_test_train: Any = None,
                    k_test_test: Any = None):
         """Posterior mean (and covariance) per kernel; see ``gp_inference``."""
@@ -134,10 +144,12 @@ def gp_inference(k_train_train: Any, y_train: Tensor, diag_reg: float = 0.0, *,
         for g in gets:
             out[g] = _posterior(g, "single" in trains, regs, checked, solve, y_vec, y_shape,
                                 tests, priors, n, kk, coupled, dtype)
+        predict_fn.last = last()
         if single:
             return out[gets[0]]
         return collections.namedtuple("Gaussians", gets)(**out)
 
+    predict_fn.last = None
     return predict_fn
 
 
@@ -145,8 +157,6 @@ def _operator_inference(op, y_train: Tensor, diag_reg: float, absolute: bool, rt
                         maxiter: Optional[int], rank: int) -> Callable[..., Any]:
     """``gp_inference`` with one kernel given as an operator: the GP posterior of that kernel,
     every solve by conjugate gradients."""
-    from torch_ntk.dynamics._mse import _check_operator_targets
-
     name = "gp_inference"
     y_shape = _check_operator_targets(op, y_train, diag_reg, name)
     system = OperatorSystem(op, y_shape, float(diag_reg), absolute, rtol=rtol,
@@ -154,29 +164,9 @@ def _operator_inference(op, y_train: Tensor, diag_reg: float, absolute: bool, rt
     n, kk, coupled, dtype = system.n, system.kk, system.coupled, system.dtype
     y2 = y_train.detach().to(system.device, dtype).reshape(n, kk)
     y_vec = y2.reshape(n * kk, 1) if coupled else y2
-    trains = {"single": op}
-    checked = {"single": (None, y_shape, coupled)}
-    regs = {"single": system}
-
-    def predict_fn(get: Union[str, Sequence[str], None] = None, k_test_train: Any = None,
-                   k_test_test: Any = None):
-        """Posterior mean (and covariance); see ``gp_inference``."""
-        gets, single = _canonical_get(get, trains, "predict_fn")
-        tests = None if k_test_train is None else _as_kernels(k_test_train, "k_test_train",
-                                                              "predict_fn")
-        priors = None
-        if k_test_test is not None:
-            priors = ({} if tests is None
-                      else _as_kernels(k_test_test, "k_test_test", "predict_fn"))
-        out = {g: _posterior(g, True, regs, checked, lambda _, rhs: system.solve(rhs), y_vec,
-                             y_shape, tests, priors, n, kk, coupled, dtype) for g in gets}
-        predict_fn.last = system.last
-        if single:
-            return out[gets[0]]
-        return collections.namedtuple("Gaussians", gets)(**out)
-
-    predict_fn.last = None
-    return predict_fn
+    return _inference_fn({"single": op}, {"single": (None, y_shape, coupled)},
+                         {"single": system}, lambda _, rhs: system.solve(rhs), y_vec, y_shape,
+                         n, kk, coupled, dtype, last=lambda: system.last)
 
 
 def gradient_descent_mse_ensemble(kernel_fn: Callable[..., Any], x_train: Tensor,

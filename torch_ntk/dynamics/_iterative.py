@@ -122,7 +122,8 @@ class OperatorSystem:
         """``f(A) b`` for every function ``fns`` gives: b Tensor[size, r], ``fns(λ)``
         Tensor[F, m] for eigenvalues λ Tensor[m]; result Tensor[F, size, r]."""
         self._matvecs = 0
-        out, iterations, error = lanczos(self.apply, b, fns, self.rtol, self.maxiter)
+        out, iterations, error = lanczos(self.apply, b, lambda lam: fns(lam.clamp_min(0)),
+                                         self.rtol, self.maxiter)
         self._record(Solve("lanczos", iterations, error, self._matvecs))
         return out
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from torch_ntk.dynamics._checks import (PredictFn, _add_diagonal_regularizer,
-                                        _apply_test_kernel, _check_diag_reg,
-                                        _check_learning_rate, _check_predict_inputs,
+                                        _apply_test_kernel, _check_learning_rate,
+                                        _check_operator_targets, _check_predict_inputs,
                                         _check_times, _check_train, _Scalar)
 from torch_ntk.dynamics._iterative import OperatorSystem, is_operator
 
@@ -82,13 +82,48 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
         return _operator_predict_fn(k_train_train, y_train, learning_rate, diag_reg,
                                     diag_reg_absolute_scale, rtol, maxiter, preconditioner_rank)
     k_flat, y_shape, coupled = _check_train(k_train_train, y_train, diag_reg)
+    k_reg = _add_diagonal_regularizer(k_flat, float(diag_reg), diag_reg_absolute_scale)
+    return _predict_fn(_DenseKernel(k_reg), y_train, y_shape, coupled, learning_rate)
+
+
+class _DenseKernel:
+    """The regularised kernel as a matrix: Cholesky solves (``t = ∞``) and functions of it
+    through its eigendecomposition (finite ``t``), each computed on first use and kept."""
+
+    def __init__(self, k_reg: Tensor) -> None:
+        self.k_reg, self.dtype, self.device = k_reg, k_reg.dtype, k_reg.device
+        self.last = None
+        self._cache: dict[str, Tensor] = {}
+
+    def solve(self, b: Tensor) -> Tensor:
+        if "chol" not in self._cache:
+            chol, info = torch.linalg.cholesky_ex(self.k_reg)
+            if int(info) != 0:
+                raise ValueError(
+                    "predict_fn: k_train_train (plus diag_reg) is not positive definite, so "
+                    "kernel regression (t=None) is undefined. Pass diag_reg > 0 to "
+                    "gradient_descent_mse (e.g. 1e-6), or ask for a finite time t.")
+            self._cache["chol"] = chol
+        return torch.cholesky_solve(b, self._cache["chol"])
+
+    def functions(self, b: Tensor, fns) -> Tensor:
+        """``f(A) b`` for the functions ``fns`` gives on the eigenvalues: Tensor[F, size, r]."""
+        if "evecs" not in self._cache:
+            evals, evecs = torch.linalg.eigh(self.k_reg)
+            self._cache["evals"], self._cache["evecs"] = evals.clamp_min(0.0), evecs
+        evals, evecs = self._cache["evals"], self._cache["evecs"]
+        return evecs @ (fns(evals).unsqueeze(-1) * (evecs.mT @ b))
+
+
+def _predict_fn(kernel, y_train: Tensor, y_shape: tuple, coupled: bool,
+                learning_rate: float) -> PredictFn:
+    """``predict_fn`` of ``gradient_descent_mse`` over a kernel that solves (``kernel.solve``)
+    and applies functions of itself (``kernel.functions``): a matrix or an operator."""
     n = y_shape[0]
     kk = 1 if len(y_shape) == 1 else int(torch.Size(y_shape[1:]).numel())
-    dtype, device = k_flat.dtype, k_flat.device
-    y2 = y_train.detach().to(dtype).reshape(n, kk)
-    k_reg = _add_diagonal_regularizer(k_flat, float(diag_reg), diag_reg_absolute_scale)
+    dtype, device = kernel.dtype, kernel.device
+    y2 = y_train.detach().to(device, dtype).reshape(n, kk)
     normalization = float(n * kk)
-    cache: dict[str, Tensor] = {}
 
     def to_vec(f: Tensor) -> Tensor:
         # (..., N, K) -> the layout the kernel acts on: (..., N, K) for Θ ⊗ I, (..., N·K, 1)
@@ -97,23 +132,6 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
     def from_vec(f: Tensor) -> Tensor:
         return f.reshape(*f.shape[:-2], n, kk) if coupled else f
 
-    def eigh() -> tuple[Tensor, Tensor]:
-        if "evecs" not in cache:
-            evals, evecs = torch.linalg.eigh(k_reg)
-            cache["evals"], cache["evecs"] = evals.clamp_min(0.0), evecs
-        return cache["evals"], cache["evecs"]
-
-    def cholesky() -> Tensor:
-        if "chol" not in cache:
-            chol, info = torch.linalg.cholesky_ex(k_reg)
-            if int(info) != 0:
-                raise ValueError(
-                    "predict_fn: k_train_train (plus diag_reg) is not positive definite, so "
-                    "kernel regression (t=None) is undefined. Pass diag_reg > 0 to "
-                    "gradient_descent_mse (e.g. 1e-6), or ask for a finite time t.")
-            cache["chol"] = chol
-        return cache["chol"]
-
     def predict_fn(t: Tensor | _Scalar | None = None,
                    fx_train_0: Tensor | _Scalar | None = 0.0,
                    fx_test_0: Tensor | _Scalar | None = None,
@@ -122,92 +140,26 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, learning_rate: 
         f_train0, f_test0, k_test, m = _check_predict_inputs(
             fx_train_0, fx_test_0, k_test_train, y_shape, n, kk, coupled, dtype, device)
         want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
-        residual = f_train0 - y2  # (N, K)
-
+        residual = to_vec(f_train0 - y2)  # f0 - y in the kernel's layout
+        out_train = out_test = None
         if t is None:
-            out_train = y2 if want_train else None
-            out_test = None
-            if want_test:
-                alpha = torch.cholesky_solve(to_vec(-residual), cholesky())
-                out_test = f_test0 + _apply_test_kernel(k_test, from_vec(alpha), m, kk, coupled)
             t_shape: tuple[int, ...] = ()
-        else:
-            times = _check_times(t, dtype, device) * float(learning_rate)
-            t_shape = tuple(times.shape)
-            times = times.reshape(-1, 1)
-            evals, evecs = eigh()
-            scaled = evals * (times / normalization)  # (T, N·K or N)
-            proj = evecs.mT @ to_vec(residual)  # eigen-coordinates of f0 - y
-            out_train = out_test = None
             if want_train:
-                # f(t) - y = V exp(-Λ t / n) Vᵀ (f0 - y)
-                decay = torch.expm1(-scaled).unsqueeze(-1) * proj  # (T, ., .)
-                out_train = f_train0 + from_vec(evecs @ decay)
+                out_train = y2
             if want_test:
-                # f_test(t) = f_test0 + k_tx V Λ⁻¹ (1 - exp(-Λ t / n)) Vᵀ (y - f0)
-                safe = torch.where(evals > 0, evals, torch.ones_like(evals))
-                gain = torch.where(evals > 0, -torch.expm1(-scaled) / safe,
-                                   (times / normalization).expand_as(scaled))
-                alpha = from_vec(evecs @ (gain.unsqueeze(-1) * -proj))
-                out_test = f_test0 + _apply_test_kernel(k_test, alpha, m, kk, coupled)
-
-        results = []
-        if want_train:
-            out_train = out_train.expand(*t_shape, n, kk) if t is None else out_train
-            results.append(out_train.reshape(*t_shape, *y_shape))
-        if want_test:
-            results.append(out_test.reshape(*t_shape, m, *y_shape[1:]))
-        return results[0] if len(results) == 1 else tuple(results)
-
-    return predict_fn
-
-
-def _operator_predict_fn(op, y_train: Tensor, learning_rate: float, diag_reg: float,
-                         absolute: bool, rtol: float, maxiter: int | None,
-                         rank: int) -> PredictFn:
-    """``gradient_descent_mse`` for a kernel operator (see there)."""
-    name = "gradient_descent_mse"
-    y_shape = _check_operator_targets(op, y_train, diag_reg, name)
-    system = OperatorSystem(op, y_shape, float(diag_reg), absolute, rtol=rtol,
-                            maxiter=maxiter, rank=rank, name=name)
-    n, kk, coupled = system.n, system.kk, system.coupled
-    dtype, device = system.dtype, system.device
-    y2 = y_train.detach().to(device, dtype).reshape(n, kk)
-    normalization = float(n * kk)
-
-    def predict_fn(t: Tensor | _Scalar | None = None,
-                   fx_train_0: Tensor | _Scalar | None = 0.0,
-                   fx_test_0: Tensor | _Scalar | None = None,
-                   k_test_train: Tensor | None = None):
-        """Outputs at time(s) ``t`` (``None`` = ∞); see ``gradient_descent_mse`` for shapes."""
-        f_train0, f_test0, k_test, m = _check_predict_inputs(
-            fx_train_0, fx_test_0, k_test_train, y_shape, n, kk, coupled, dtype, device)
-        want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
-        residual = system.to_vec(f_train0 - y2)
-        if t is None:
-            t_shape: tuple[int, ...] = ()
-            out_train = y2 if want_train else None
-            out_test = None
-            if want_test:
-                alpha = system.from_vec(system.solve(-residual))
+                alpha = from_vec(kernel.solve(-residual))
                 out_test = f_test0 + _apply_test_kernel(k_test, alpha, m, kk, coupled)
         else:
             times = _check_times(t, dtype, device) * float(learning_rate)
             t_shape = tuple(times.shape)
-            s = (times.reshape(-1) / normalization)[:, None]              # (T, 1)
-            out_train = out_test = None
-            if want_train:   # f(t) - y = exp(-A s) (f0 - y)
-                decay = system.functions(residual, lambda lam: torch.expm1(
-                    -lam.clamp_min(0) * s))
-                out_train = f_train0 + system.from_vec(decay)
-            if want_test:    # f_test(t) = f_test0 + k_tx (1 - exp(-A s)) A⁻¹ (y - f0)
-                def gain(lam):
-                    lam = lam.clamp_min(0)
-                    safe = torch.where(lam > 0, lam, torch.ones_like(lam))
-                    return torch.where(lam > 0, -torch.expm1(-lam * s) / safe, s.expand(-1, lam.shape[0]))
-                alpha = system.from_vec(system.functions(-residual, gain))
+            s = (times.reshape(-1) / normalization)[:, None]               # (T, 1)
+            if want_train:   # f(t) - y = exp(-Θ s) (f0 - y)
+                decay = kernel.functions(residual, lambda lam: torch.expm1(-lam * s))
+                out_train = f_train0 + from_vec(decay)
+            if want_test:    # f_test(t) = f_test0 + k_tx Θ⁻¹ (1 - exp(-Θ s)) (y - f0)
+                alpha = from_vec(kernel.functions(-residual, lambda lam: _gain(lam, s)))
                 out_test = f_test0 + _apply_test_kernel(k_test, alpha, m, kk, coupled)
-        predict_fn.last = system.last
+        predict_fn.last = kernel.last
         results = []
         if want_train:
             out_train = out_train.expand(*t_shape, n, kk) if t is None else out_train
@@ -220,16 +172,19 @@ def _operator_predict_fn(op, y_train: Tensor, learning_rate: float, diag_reg: fl
     return predict_fn
 
 
-def _check_operator_targets(op, y: Tensor, diag_reg: float, name: str) -> tuple[int, ...]:
-    """Validates the targets against a kernel operator; returns y's shape."""
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{name}: y_train must be a torch.Tensor, got {type(y).__name__}.")
-    if y.ndim == 0:
-        raise ValueError(f"{name}: y_train must have shape (N,) or (N, *out_shape), got a scalar.")
-    if op.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name}: the kernel operator must compute in float32 or float64, "
-                         f"got {op.dtype}.")
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{name}: y_train contains NaN or infinite values.")
-    _check_diag_reg(diag_reg, name)
-    return tuple(y.shape)
+def _gain(lam: Tensor, s: Tensor) -> Tensor:
+    """``(1 - exp(-λ s)) / λ`` (T, m) for eigenvalues λ (m) and times s (T, 1); ``s`` at 0."""
+    lam = lam.clamp_min(0)
+    safe = torch.where(lam > 0, lam, torch.ones_like(lam))
+    return torch.where(lam > 0, -torch.expm1(-lam * s) / safe, s.expand(-1, lam.shape[0]))
+
+
+def _operator_predict_fn(op, y_train: Tensor, learning_rate: float, diag_reg: float,
+                         absolute: bool, rtol: float, maxiter: int | None,
+                         rank: int) -> PredictFn:
+    """``gradient_descent_mse`` for a kernel operator (see there)."""
+    name = "gradient_descent_mse"
+    y_shape = _check_operator_targets(op, y_train, diag_reg, name)
+    system = OperatorSystem(op, y_shape, float(diag_reg), absolute, rtol=rtol,
+                            maxiter=maxiter, rank=rank, name=name)
+    return _predict_fn(system, y_train, y_shape, system.coupled, learning_rate)

@@ -241,3 +241,46 @@ def test_predict_with_any_operator_uses_nystrom():
                                          preconditioner_rank=0)
     assert torch.allclose(plain(None, None, 0.0, kt), want, rtol=1e-8, atol=1e-10)
     assert fn.last.iterations < plain.last.iterations / 2   # the top 25 taken out
+
+
+@pytest.mark.parametrize("name", ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook"])
+def test_hostile_models(name):
+    """The operator runs the model's own autograd on whole blocks: reordered batches, weights
+    used elsewhere for some samples, tied heads and hooks give the exact products."""
+    import test_hostile
+    from test_features import _hooked
+
+    torch.manual_seed(0)
+    model = (_hooked() if name == "hook" else getattr(test_hostile, name)()).double()
+    if name == "TiedHead":
+        x = torch.randint(0, 9, (7, 3))
+    else:
+        x = torch.randn(7, 3, dtype=torch.float64)
+        x[0, 0], x[-1, 0] = -1.0, 1.0
+    for mode in ("trace", "full"):
+        k = dense(model, x, mode)
+        op = torch_ntk.NTKOperator(model, x, mode=mode, batch_size=3)
+        v = torch.randn(op.shape[0], 2, dtype=torch.float64)
+        assert (op @ v - k @ v).abs().max() <= 1e-12 * float((k @ v).abs().max())
+
+
+def test_hugging_face_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0,
+        eos_token_id=0, attn_implementation="eager")).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (6, 7), generator=g)
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[2, 4:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+
+    def output(o):
+        return o.logits[:, -1, :3]
+
+    for mode in ("trace", "full"):
+        k = dense(model, inputs, mode, output=output)
+        op = torch_ntk.NTKOperator(model, inputs, mode=mode, output=output, batch_size=4)
+        v = torch.randn(op.shape[0], 2, generator=g, dtype=torch.float64)
+        assert (op @ v - k @ v).abs().max() <= 1e-11 * float((k @ v).abs().max())

@@ -60,6 +60,7 @@ def _same_as_single_process(rank: int, world: int, tmp: str, monkeypatch,
             _close(got, ref, what + " path")
             _close(torch.from_numpy(np.load(path, mmap_mode="r").copy()), ref, what + " file")
     if extras:
+        _by_layer(model, x1, x2, tmp)
         ref = torch_ntk.empirical_ntk(model, x1, mode="trace", method="jacobian")
         got = torch_ntk.distributed.empirical_ntk(model, x1, mode="trace", method="jacobian",
                                                   batch_size=2)
@@ -94,6 +95,42 @@ def _same_as_single_process(rank: int, world: int, tmp: str, monkeypatch,
                 _close(getattr(got, f), getattr(ref, f), f"analytic of a module {f}")
         got = torch_ntk.distributed.analytic_ntk(net, xs, path=os.path.join(tmp, "net.npy"))
         _close(got, torch_ntk.analytic_ntk(net, xs), "analytic of a module, path")
+
+
+def _by_layer(model, x1, x2, tmp: str) -> None:
+    """by_layer: one pass (per-module fields) and one collective call per module (a layer
+    that holds a child's parameters), in memory and into one file per module."""
+    for net in (model, _held()):
+        ref = torch_ntk.empirical_ntk(net, x1, x2, mode="trace", by_layer=True)
+        got = torch_ntk.distributed.empirical_ntk(net, x1, x2, mode="trace", by_layer=True)
+        assert set(got) == set(ref)
+        path = os.path.join(tmp, f"layers_{type(net).__name__}.npy")
+        on_disk = torch_ntk.distributed.empirical_ntk(net, x1, x2, mode="trace", by_layer=True,
+                                                      path=path)
+        for name in ref:
+            _close(got[name], ref[name], f"by_layer {name} in memory")
+            _close(on_disk[name], ref[name], f"by_layer {name} path")
+            stored = np.load(f"{path[:-4]}.{name or 'root'}.npy")
+            _close(torch.from_numpy(stored.copy()), ref[name], f"by_layer {name} file")
+
+
+class _Holder(nn.Module):
+    """Scales a child Linear applied through F.linear: its catch-all layer holds the child's
+    parameters too, so by_layer takes one call per module."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, h):
+        return nn.functional.linear(h, self.lin.weight, self.lin.bias) * self.scale
+
+
+def _held() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(3, 256), nn.Tanh(), nn.Linear(256, 8), _Holder(8),
+                         nn.Tanh(), nn.Linear(8, 2)).double()
 
 
 def _errors_on_every_rank(rank: int, world: int, tmp: str, monkeypatch) -> None:

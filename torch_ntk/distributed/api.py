@@ -14,6 +14,7 @@ from torch_ntk import _modes
 from torch_ntk.distributed import fingerprint, store
 from torch_ntk.distributed.comm import Comm
 from torch_ntk.empirical.api import KernelPlan
+from torch_ntk.empirical.jacobian import module_of
 from torch_ntk.infinite import analytic as _analytic
 from torch_ntk.infinite import program as _program
 from torch_ntk.infinite import analytic_ntk as _single_analytic_ntk
@@ -26,7 +27,8 @@ _ANALYTIC_BLOCK = {"cpu": 2048, "other": 8192}   # largest analytic tile side by
 
 def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: str = "auto",
                   batch_size: int | None = None, output=None, params=None,
-                  path: str | os.PathLike | None = None, group=None) -> Tensor:
+                  by_layer: bool = False, path: str | os.PathLike | None = None,
+                  group=None) -> Tensor:
     """``torch_ntk.empirical_ntk`` computed by every rank of a process group together.
 
     A collective call: every rank of ``group`` calls it with the same model weights, inputs
@@ -39,6 +41,10 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: 
             mode (str), method (str), output (callable), params: as for
             ``torch_ntk.empirical_ntk`` (``params`` as names or None: a callable can't be
             compared between ranks).
+        by_layer (bool): ``{module name: kernel}`` as ``torch_ntk.empirical_ntk`` returns it,
+            each block's factors contracted module by module (one collective call per module
+            where a factorised layer holds parameters of several); with ``path``, one file
+            ``<stem>.<module name>.npy`` per module (``<stem>.root.npy`` for the root's own).
         batch_size (int, optional): tile side. ``None``: the single-process default, made
             smaller where needed so that each rank gets at least 4 tiles.
         path (str or os.PathLike, optional): ``None`` -> every rank returns the whole kernel
@@ -83,7 +89,8 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: 
                "x2": "0" * 64 if x2 is None else fingerprint.inputs_digest(x2),
                "options": fingerprint.options_digest(dict(
                    mode=mode, method=method, batch_size=batch_size, path=_name(path),
-                   params=params, output=None if output is None else _describe(output)))}
+                   params=params, output=None if output is None else _describe(output),
+                   by_layer=bool(by_layer)))}
     _check_same(comm, digests, _EMPIRICAL)
     with contextlib.ExitStack() as stack:
         plan = _enter(comm, stack, plan)
@@ -95,8 +102,21 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: 
                 plan = _enter(comm, stack, KernelPlan(model, x1, x2, mode=mode, method=method,
                                                       batch_size=size, params=params,
                                                       output=output))
-        out = _run(comm, _PlanJob(plan), paths, digests, _EMPIRICAL)
-    return out[None]
+        if not by_layer:
+            return _run(comm, _PlanJob(plan), paths, digests, _EMPIRICAL)[None]
+        groups, names = plan.module_groups()
+        fields = tuple(names[g] or "root" for g in groups)
+        if plan.owners_known():
+            job = _ByLayerJob(plan, dict(zip(fields, groups)))
+            out = _run(comm, job, None if path is None else store.field_paths(
+                _EMPIRICAL, path, fields), digests, _EMPIRICAL)
+            return {names[g]: out[f] for f, g in zip(fields, groups)}
+        by_module = _by_module_names(plan, groups)
+    options = dict(mode=mode, method=method, batch_size=batch_size, output=output, group=group)
+    return {names[g]: empirical_ntk(model, x1, x2, params=by_module[g], **options,
+                                    path=None if path is None else store.field_paths(
+                                        _EMPIRICAL, path, (f,))[f])
+            for f, g in zip(fields, groups)}
 
 
 def analytic_ntk(x1, *args, x2: Tensor | None = None, depth: int | None = None,
@@ -215,6 +235,25 @@ class _PlanJob:
 
     def release(self, i: int, j: int) -> None:
         self.plan.release(i, j)
+
+
+class _ByLayerJob(_PlanJob):
+    """Tiles of an entered ``KernelPlan``, one field per module: ``fields[f]`` is the module
+    (by name in the plan's model) whose parameters field f's kernel sums over."""
+
+    def __init__(self, plan: KernelPlan, modules: dict) -> None:
+        super().__init__(plan)
+        self.modules, self.fields = modules, tuple(modules)
+
+    def compute(self, i: int, j: int, outs: dict | None) -> dict:
+        return {f: self.plan.compute_tile(i, j, None if outs is None else outs[f], owner=g)
+                for f, g in self.modules.items()}
+
+
+def _by_module_names(plan: KernelPlan, groups: list[str]) -> dict[str, list[str]]:
+    """Per module, the caller's names of its parameters among ``plan.params``."""
+    names = plan.user_names()
+    return {g: sorted(names[p] for p in plan.params if module_of(p) == g) for g in groups}
 
 
 class _AnalyticJob:

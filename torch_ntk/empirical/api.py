@@ -119,10 +119,7 @@ def _by_layer(model: nn.Module, x1, x2, *, out, params, mode: str, method: str,
     accounts for a child's parameters) take one call per module instead."""
     with KernelPlan(model, x1, x2, mode=mode, method=method, batch_size=batch_size,
                     params=params, output=output) as plan:
-        order = {name: i for i, (name, _) in enumerate(plan.model.named_modules())}
-        groups = sorted({module_of(n) for n in plan.params}, key=lambda n: order.get(n, 0))
-        names = {g: inputs.user_name(g) if plan.model is not plan.user_model else g
-                 for g in groups}
+        groups, names = plan.module_groups()
         if out is not None and (not isinstance(out, dict) or set(out) - set(names.values())):
             raise ValueError(f"empirical_ntk: with by_layer=True, out must be a dict of tensors "
                              f"keyed by module name (any of {sorted(names.values())}), or None.")
@@ -296,6 +293,21 @@ class KernelPlan:
         """``params``' names -> the names in the caller's model (``named_parameters()``)."""
         wrapped = self.model is not self.user_model
         return {n: n[len(inputs.PREFIX):] if wrapped else n for n in self.params}
+
+    def module_groups(self) -> tuple[list[str], dict[str, str]]:
+        """The modules owning ``params`` (in ``named_modules()`` order, names in the engines'
+        model) and their names in the caller's model: ``by_layer``'s keys."""
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        groups = sorted({module_of(n) for n in self.params}, key=lambda n: order.get(n, 0))
+        wrapped = self.model is not self.user_model
+        return groups, {g: inputs.user_name(g) if wrapped else g for g in groups}
+
+    def owners_known(self) -> bool:
+        """Every factor entry will name the module it accounts for (else ``by_layer`` takes
+        one call per module): no factorised layer holds parameters of several modules."""
+        engine = self.engine
+        return not isinstance(engine, StructuredNTK) or all(
+            engine._owner(layer) is not None for layer in engine.layers)
 
     def tile_owners(self, i: int, j: int) -> set:
         """The modules the factors of tile ``(i, j)`` account for, by name in ``model``; None

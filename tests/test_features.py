@@ -261,7 +261,8 @@ def _hooked():
     return model
 
 
-@pytest.mark.parametrize("name", ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook"])
+@pytest.mark.parametrize("name", ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook",
+                                  "SequenceFirst", "Unused"])
 def test_hostile_models(name):
     """Models whose layers the structured method can't take as they come (a reordered batch,
     a weight used elsewhere for some samples, a table reused as the head, a rescaling hook):
@@ -269,11 +270,17 @@ def test_hostile_models(name):
     import test_hostile
 
     torch.manual_seed(0)
-    model = (_hooked() if name == "hook" else getattr(test_hostile, name)()).double()
+    if name == "hook":
+        model = _hooked()
+    elif name == "SequenceFirst":           # a Linear on (T, N, d), sketched by position
+        model = test_hostile.SequenceFirst(5)
+    else:
+        model = getattr(test_hostile, name)()
+    model = model.double()
     if name == "TiedHead":
         x = torch.randint(0, 9, (7, 3))
     else:
-        x = torch.randn(7, 3, dtype=torch.float64)
+        x = torch.randn(7, 15 if name == "SequenceFirst" else 3, dtype=torch.float64)
         x[0, 0], x[-1, 0] = -1.0, 1.0
     phi = torch_ntk.ntk_features(model, x, 48)
     ref = explicit_sketch(model, x, 48)

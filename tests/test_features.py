@@ -261,27 +261,35 @@ def _hooked():
     return model
 
 
-@pytest.mark.parametrize("name", ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook",
-                                  "SequenceFirst", "Unused"])
-def test_hostile_models(name):
-    """Models whose layers the structured method can't take as they come (a reordered batch,
-    a weight used elsewhere for some samples, a table reused as the head, a rescaling hook):
-    their features are still the sketch of their own gradients."""
+HOSTILE = ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook", "SequenceFirst",
+           "Unused"]
+
+
+def hostile_case(name: str):
+    """(model, x) of the hostile models: a reordered batch, a weight used elsewhere for some
+    samples, a table reused as the head, a rescaling hook, a Linear on (T, N, d) (sketched by
+    position), unused and detached layers."""
     import test_hostile
 
     torch.manual_seed(0)
     if name == "hook":
         model = _hooked()
-    elif name == "SequenceFirst":           # a Linear on (T, N, d), sketched by position
+    elif name == "SequenceFirst":
         model = test_hostile.SequenceFirst(5)
     else:
         model = getattr(test_hostile, name)()
-    model = model.double()
     if name == "TiedHead":
-        x = torch.randint(0, 9, (7, 3))
-    else:
-        x = torch.randn(7, 15 if name == "SequenceFirst" else 3, dtype=torch.float64)
-        x[0, 0], x[-1, 0] = -1.0, 1.0
+        return model.double(), torch.randint(0, 9, (7, 3))
+    x = torch.randn(7, 15 if name == "SequenceFirst" else 3, dtype=torch.float64)
+    x[0, 0], x[-1, 0] = -1.0, 1.0
+    return model.double(), x
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_models(name):
+    """Models the structured method can't take as they come: their features are still the
+    sketch of their own gradients."""
+    model, x = hostile_case(name)
     phi = torch_ntk.ntk_features(model, x, 48)
     ref = explicit_sketch(model, x, 48)
     assert (phi - ref).abs().max() <= 1e-12 * float(ref.abs().max())

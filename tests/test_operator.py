@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torch_ntk
-from test_features import CASES, TokenModel
+from test_features import CASES, HOSTILE, TokenModel, hostile_case
 
 
 def dense(model, x, mode, **kw):
@@ -243,20 +243,11 @@ def test_predict_with_any_operator_uses_nystrom():
     assert fn.last.iterations < plain.last.iterations / 2   # the top 25 taken out
 
 
-@pytest.mark.parametrize("name", ["Flipped", "Bucketed", "SometimesShared", "TiedHead", "hook"])
+@pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_models(name):
     """The operator runs the model's own autograd on whole blocks: reordered batches, weights
     used elsewhere for some samples, tied heads and hooks give the exact products."""
-    import test_hostile
-    from test_features import _hooked
-
-    torch.manual_seed(0)
-    model = (_hooked() if name == "hook" else getattr(test_hostile, name)()).double()
-    if name == "TiedHead":
-        x = torch.randint(0, 9, (7, 3))
-    else:
-        x = torch.randn(7, 3, dtype=torch.float64)
-        x[0, 0], x[-1, 0] = -1.0, 1.0
+    model, x = hostile_case(name)
     for mode in ("trace", "full"):
         k = dense(model, x, mode)
         op = torch_ntk.NTKOperator(model, x, mode=mode, batch_size=3)

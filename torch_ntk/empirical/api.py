@@ -184,9 +184,12 @@ class KernelPlan:
 
     def __init__(self, model: nn.Module, x1, x2=None, *, mode: str = "full",
                  method: str = "auto", batch_size: int | None = None, params=None,
-                 output=None, positions: bool = False) -> None:
+                 output=None, sketch: bool = False) -> None:
         batch_size = checks.check_options(mode, method, batch_size)
-        self.positions = positions   # factors by position where a layer has them (features)
+        # Factors to be sketched, never contracted (ntk_features): by position where a layer
+        # has them, and the structured engine wherever it applies (the cost model weighs
+        # contractions).
+        self.sketch = sketch
         model = _original_module(model)
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -220,13 +223,15 @@ class KernelPlan:
             checks.check_inputs(self.x1, self.x2, next(iter(self.params.values())))
             with state.no_autocast(), checks.checkpoint_errors():
                 self.engine, self.k, self.computing = _choose_engine(
-                    self.model, self.params, self.x1, self.x2, self.method)
+                    self.model, self.params, self.x1, self.x2, self.method,
+                    by_cost=not self.sketch)
             x2 = self.x1 if self.x2 is None else self.x2
             n1, n2 = self.x1.shape[0], x2.shape[0]
             self.shape = _modes.kernel_shape(n1, n2, self.k, self.mode)
             self.dtype = next(iter(self.params.values())).dtype
             size = self.batch_size or _default_batch_size(self.engine, self.k, self.mode,
-                                                          self.dtype, max(n1, n2))
+                                                          self.dtype, max(n1, n2),
+                                                          self.sketch)
             self.rows = _blocks(n1, size)
             self.cols = self.rows if self.symmetric else _blocks(n2, size)
             self._budget = _cache_budget(self.engine, self.k, n2, size, self.batch_size,
@@ -366,7 +371,7 @@ class KernelPlan:
                     return verdict.factors
 
     def _engine_factors(self, x: Tensor, r=None) -> Factors:
-        if self.positions and isinstance(self.engine, StructuredNTK):
+        if self.sketch and isinstance(self.engine, StructuredNTK):
             return self.engine.factors(x, r, positions=True)
         return self.engine.factors(x, r)
 
@@ -449,7 +454,8 @@ def _log_choice(plan: "KernelPlan", when: str) -> None:
 
 
 def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
-                   x2: Tensor | None, method: str) -> tuple[StructuredNTK | JacobianNTK, int]:
+                   x2: Tensor | None, method: str, by_cost: bool = True
+                   ) -> tuple[StructuredNTK | JacobianNTK, int]:
     """Picks the engine after checking, on a probe batch, what the methods rest on.
 
     The probe holds distinct samples of x1 and x2 (a perturbed copy when there is only one):
@@ -495,8 +501,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
-        if method == "auto" and engine.factorised and _too_costly(engine, params,
-                                                                   f_probe.shape[1]):
+        if by_cost and method == "auto" and engine.factorised and _too_costly(
+                engine, params, f_probe.shape[1]):
             engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
         with torch.enable_grad():
@@ -587,11 +593,15 @@ def _distinct_samples(x1: Tensor, x2: Tensor | None) -> Tensor:
     return torch.cat(distinct)
 
 
-def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int) -> int:
+def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int,
+                        positions: bool = False) -> int:
     """Largest block whose factors and output tile fit the default memory budgets."""
     per_pair = _modes.entries_per_pair(k, mode) * dtype.itemsize
     by_tile = int(math.sqrt(_TILE_BYTES / per_pair))
-    by_factors = _FACTOR_BYTES // max(1, engine.bytes_per_sample(k))
+    per_sample = (engine.bytes_per_sample(k, positions=True)
+                  if positions and isinstance(engine, StructuredNTK) else
+                  engine.bytes_per_sample(k))
+    by_factors = _FACTOR_BYTES // max(1, per_sample)
     return max(1, min(n, by_tile, by_factors))
 
 

@@ -163,11 +163,16 @@ class StructuredNTK:
         foreign = sum(p.numel() for p in self.foreign.values())
         return float(k * k * foreign + sum(l.rule.cost(l, k)[0] for l in self.layers))
 
-    def bytes_per_sample(self, k: int) -> int:
-        """Approximate factor memory per input, to size default batches."""
+    def bytes_per_sample(self, k: int, positions: bool = False) -> int:
+        """Approximate factor memory per input, to size default batches (``positions``: as
+        ``factors(positions=True)`` gives them)."""
         itemsize = next(iter(self.params.values())).element_size()
         total = k * sum(p.numel() for p in self.foreign.values()) * itemsize
-        return int(total + sum(l.rule.cost(l, k)[1] for l in self.layers))
+        for layer in self.layers:
+            by_position = (layer.rule.position_bytes(layer, k)
+                           if positions and not layer.gram else None)
+            total += layer.rule.cost(layer, k)[1] if by_position is None else by_position
+        return int(total)
 
     def factors(self, x: Tensor, r: dict[str, Tensor] | None = None,
                 positions: bool = False) -> Factors:
@@ -207,8 +212,13 @@ class StructuredNTK:
                 layout = ("gram", full.get("weight"), full.get("bias"))
                 for h, d, c in entries:
                     out.add(h.detach(), d.detach(), c, group, owner=owner, params=layout)
-                    if proj is not None:
-                        proj.add_gram(h.detach(), d.detach(), c, weight, bias)
+                if proj is not None and len(entries) > 1:   # every position in one pass
+                    proj.add_positions(torch.stack([h.detach() for h, _, _ in entries], 1),
+                                       torch.stack([d.detach() for _, d, _ in entries], 1),
+                                       entries[0][2], weight, bias)
+                elif proj is not None and entries:
+                    proj.add_gram(entries[0][0].detach(), entries[0][1].detach(),
+                                  entries[0][2], weight, bias)
             elif layer.rule.uses_tokens(layer):
                 tokens, d = layer.rule.token_factors(layer, recorded, per_call)
                 out.add_tokens(tokens, d.detach(), owner=owner, param=full.get("weight"))

@@ -164,6 +164,28 @@ class Projection:
             self.value += scale * (d @ b)
             self.bound += scale * d_norm * torch.linalg.vector_norm(b)
 
+    def add_positions(self, h: Tensor, d: Tensor, c: float, weight: Tensor,
+                      bias: Tensor | None) -> None:
+        """Gram entries of every position at once: ``h [n, T, p]``, ``d [n, T, K, q]``
+        (``add_gram`` of each position, summed)."""
+        d = d.to(self.dtype)
+        d_norm = torch.linalg.vector_norm(d, dim=3)                         # (n, T, K)
+        outer = self.outer.get(id(weight))
+        if h.shape[2] and outer is not None:  # R = a bᵀ: d · (R h) = (d · a)(b · h)
+            a, b = (t.to(self.dtype) for t in outer)
+            bh = h.to(self.dtype) @ b                                       # (n, T)
+            self.value += ((d @ a) * bh[..., None]).sum(1)
+            self.bound += (d_norm * bh.abs()[..., None]).sum(1) * torch.linalg.vector_norm(a)
+        elif h.shape[2]:
+            rh = h.to(self.dtype) @ weight.to(self.dtype).T                 # (n, T, q)
+            self.value += torch.einsum("ntkq,ntq->nk", d, rh)
+            self.bound += (d_norm * torch.linalg.vector_norm(rh, dim=2)[..., None]).sum(1)
+        if bias is not None and c:
+            scale = math.sqrt(c)
+            b = bias.to(self.dtype)
+            self.value += scale * (d @ b).sum(1)
+            self.bound += scale * d_norm.sum(1) * torch.linalg.vector_norm(b)
+
     def add_gradients(self, g: Tensor, r: Tensor) -> None:
         """Per-sample gradients ``g [n, K, P]`` along ``r`` (P)."""
         g, r = g.to(self.dtype), r.to(self.dtype)

@@ -45,7 +45,7 @@ def ntk_features(model: nn.Module, x, dim: int, *, seed: int = 0, params=None, o
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"ntk_features: seed must be an int, got {seed!r}.")
     with KernelPlan(model, x, None, mode="full", batch_size=batch_size, params=params,
-                    output=output, positions=True) as plan:
+                    output=output, sketch=True) as plan:
         names = plan.user_names()
         shapes = {names[n]: p.shape for n, p in plan.params.items()}
         hashes = Hashes(shapes, int(dim), int(seed), plan.x1.device)

@@ -87,7 +87,7 @@ def sketch_factors(factors: Factors, hashes: Hashes, names: dict[str, str]) -> T
         nonlocal spectrum
         spectrum = s if spectrum is None else spectrum + s
 
-    for h, d, c, layout in zip(factors.h, factors.d, factors.c, factors.params):
+    for h, d, c, layout in _stacked(factors, dim):
         if layout is None:
             raise RuntimeError("ntk_features: a factor entry without its parameters' names.")
         if layout[0] == "grad":
@@ -95,16 +95,16 @@ def sketch_factors(factors: Factors, hashes: Hashes, names: dict[str, str]) -> T
                 _scatter(out, d[..., start:stop], hashes, names[name])
             continue
         _, weight, bias = layout
-        if weight is not None and h.shape[1]:
+        if weight is not None and h.shape[-1]:
             rows, row_signs, cols, col_signs = hashes.of(names[weight])
-            if rows.shape[0] != d.shape[2] or cols.shape[0] != h.shape[1]:
+            if rows.shape[0] != d.shape[-1] or cols.shape[0] != h.shape[-1]:
                 raise RuntimeError(f"ntk_features: the factors of {weight} don't match its shape.")
-            a = _bucketed(d, rows, row_signs, dim)                       # (n, K, dim)
-            b = _bucketed(h, cols, col_signs, dim)                       # (n, dim)
-            add_spectrum(torch.fft.rfft(a, dim=-1) * torch.fft.rfft(b, dim=-1)[:, None])
+            a = torch.fft.rfft(_bucketed(d, rows, row_signs, dim), dim=-1)    # (n, T, K, F)
+            b = torch.fft.rfft(_bucketed(h, cols, col_signs, dim), dim=-1)    # (n, T, F)
+            add_spectrum(torch.einsum("ntkf,ntf->nkf", a, b))
         if bias is not None and c:
             buckets, signs = hashes.of(names[bias])
-            out += math.sqrt(c) * _bucketed(d, buckets, signs, dim)
+            out += math.sqrt(c) * _bucketed(d.sum(1), buckets, signs, dim)
     for tokens, d, name in zip(factors.tokens, factors.token_d, factors.token_params):
         if name is None:
             raise RuntimeError("ntk_features: a token entry without its table's name.")
@@ -122,6 +122,31 @@ def sketch_factors(factors: Factors, hashes: Hashes, names: dict[str, str]) -> T
 
 
 # Internal helpers
+
+_STACKED_ELEMENTS = 2 ** 24   # entries of the positions of one layer sketched at once
+
+
+def _stacked(factors: Factors, dim: int):
+    """The entries as ``(h [n, T, p], d [n, T, K, q], c, layout)``: the positions of one
+    layer (consecutive Gram entries of one group) stacked along T, in chunks whose sketches
+    hold ``_STACKED_ELEMENTS`` entries at most."""
+    entries = list(zip(factors.h, factors.d, factors.c, factors.group, factors.params))
+    i = 0
+    while i < len(entries):
+        h, d, c, group, layout = entries[i]
+        if layout is not None and layout[0] == "grad":
+            yield h, d, c, layout
+            i += 1
+            continue
+        j = i + 1
+        per_chunk = max(1, _STACKED_ELEMENTS // max(1, d.shape[0] * d.shape[1] * dim))
+        while (j < len(entries) and j - i < per_chunk and group >= 0
+               and entries[j][3] == group):
+            j += 1
+        yield (torch.stack([e[0] for e in entries[i:j]], dim=1),
+               torch.stack([e[1] for e in entries[i:j]], dim=1), c, layout)
+        i = j
+
 
 def _bucketed(x: Tensor, buckets: Tensor, signs: Tensor, dim: int) -> Tensor:
     """The count sketch of x over its last axis: Tensor[*x.shape[:-1], dim]."""

@@ -98,6 +98,10 @@ class Rule:
         where it is no such sum (what ``ntk_features`` sketches position by position)."""
         return None
 
+    def position_bytes(self, layer: Layer, k: int) -> int | None:
+        """Bytes per sample of ``position_factors``, or None where the rule has none."""
+        return None
+
     def uses_tokens(self, layer: Layer) -> bool:
         return False
 

@@ -73,6 +73,13 @@ class ConvRule(Rule):
         return [e for call, delta in zip(calls, deltas)
                 for e in self.gram_factors(layer, call, delta)]
 
+    def position_bytes(self, layer: Layer, k: int) -> int | None:
+        if layer.module.groups != 1:
+            return None
+        q, p = layer.module.weight.shape[0], layer.module.weight[0].numel()
+        t = layer.state.get("positions", 1) * layer.calls
+        return t * (p + k * q) * layer.module.weight.element_size()
+
     def gram_direction(self, layer: Layer, r: dict[str, Tensor]
                        ) -> tuple[Tensor, Tensor | None]:
         w = layer.module.weight

@@ -78,6 +78,10 @@ class LinearRule(Rule):
                 entries.append((h_t.contiguous(), d[:, :, t].transpose(0, 1), c))
         return entries
 
+    def position_bytes(self, layer: Layer, k: int) -> int:
+        q, p = layer.module.weight.shape
+        return layer.state.get("positions", 1) * (p + k * q) * layer.module.weight.element_size()
+
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         alpha, beta = _scales(layer.module)

@@ -223,16 +223,23 @@ class _Keyword(nn.Module):
         return self.output(self.model(input_ids=ids, attention_mask=mask))
 
 
-def test_hugging_face_gpt2_with_tied_embeddings():
+def tiny_gpt2(n: int):
+    """A 2-layer GPT-2 from a config (float64, eager attention) and n prompts of 7 tokens, one
+    of them padded: (model, ids, mask)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0,
         eos_token_id=0, attn_implementation="eager")).double().eval()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 40, (5, 7), generator=g)
-    mask = torch.ones(5, 7, dtype=torch.long)
+    ids = torch.randint(0, 40, (n, 7), generator=g)
+    mask = torch.ones(n, 7, dtype=torch.long)
     mask[1, 4:] = 0
+    return model, ids, mask
+
+
+def test_hugging_face_gpt2_with_tied_embeddings():
+    model, ids, mask = tiny_gpt2(5)
 
     def output(o):
         return o.logits[:, -1, :4]

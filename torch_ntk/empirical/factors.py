@@ -48,7 +48,8 @@ class Factors:
     segments: list[list[tuple]] = field(default_factory=list)
     token_owner: list[str | None] = field(default_factory=list)
     # Per entry, the parameters it accounts for (by name in the engine's ``params``): a Gram
-    # entry's ``("gram", weight name or None, bias name or None)`` (d · (W h) + sqrt(c) d · b),
+    # entry's ``("gram", weight name or None, bias name or None, transposed)`` (d · (W h) +
+    # sqrt(c) d · b; transposed: the weight is stored as Wᵀ),
     # a gradient entry's ``("grad", [(name, first, stop), ...])`` over the last axis of d;
     # per token entry the table's name. None: not known.
     params: list[tuple | None] = field(default_factory=list)

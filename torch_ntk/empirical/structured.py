@@ -209,7 +209,8 @@ class StructuredNTK:
                 group = len(self.layers) + len(out.h) if len(entries) > 1 else -1
                 weight, bias = (None, None) if r is None else layer.rule.gram_direction(
                     layer, r_layer)
-                layout = ("gram", full.get("weight"), full.get("bias"))
+                layout = ("gram", full.get("weight"), full.get("bias"),
+                          layer.rule.transposed(layer))
                 for h, d, c in entries:
                     out.add(h.detach(), d.detach(), c, group, owner=owner, params=layout)
                 if proj is not None and len(entries) > 1:   # every position in one pass
@@ -225,12 +226,22 @@ class StructuredNTK:
                 if proj is not None:
                     proj.add_tokens(tokens, d.detach(), layer.rule.token_direction(layer, r_layer))
             else:
-                g = layer.rule.per_sample_gradients(layer, recorded, per_call).detach()
-                pooled.append(g)
-                owners.append(owner)
-                names.append([(full[rel], p.numel()) for rel, p in layer.params.items()])
-                if proj is not None:
-                    proj.add_gradients(g, layer.rule.gradient_direction(layer, r_layer))
+                g = layer.rule.per_sample_gradients(layer, recorded, per_call)
+                parts = [t.detach() for t in g] if isinstance(g, list) else [g.detach()]
+                sizes = iter([(full[rel], p.numel()) for rel, p in layer.params.items()])
+                r_flat = None if r is None else layer.rule.gradient_direction(layer, r_layer)
+                at = 0
+                for part in parts:   # each part holds the next parameters, in order
+                    held, width = [], 0
+                    while width < part.shape[2]:
+                        held.append(next(sizes))
+                        width += held[-1][1]
+                    pooled.append(part)
+                    owners.append(owner)
+                    names.append(held)
+                    if proj is not None:
+                        proj.add_gradients(part, r_flat[at:at + width])
+                    at += width
         if self.foreign:
             blocks = self.foreign_jacobian.blocks(x)
             pooled.extend(blocks)

@@ -94,9 +94,11 @@ def sketch_factors(factors: Factors, hashes: Hashes, names: dict[str, str]) -> T
             for name, start, stop in layout[1]:
                 _scatter(out, d[..., start:stop], hashes, names[name])
             continue
-        _, weight, bias = layout
+        _, weight, bias, transposed = layout
         if weight is not None and h.shape[-1]:
             rows, row_signs, cols, col_signs = hashes.of(names[weight])
+            if transposed:    # stored (p, q): its rows hash h, its columns d
+                rows, row_signs, cols, col_signs = cols, col_signs, rows, row_signs
             if rows.shape[0] != d.shape[-1] or cols.shape[0] != h.shape[-1]:
                 raise RuntimeError(f"ntk_features: the factors of {weight} don't match its shape.")
             a = torch.fft.rfft(_bucketed(d, rows, row_signs, dim), dim=-1)    # (n, T, K, F)

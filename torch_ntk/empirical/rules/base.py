@@ -112,7 +112,9 @@ class Rule:
 
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
-        """Tensor[n, K, P_l]: ``∂f_a(x_n)/∂θ`` over ``layer.params``, summed over the calls."""
+        """Tensor[n, K, P_l]: ``∂f_a(x_n)/∂θ`` over ``layer.params``, summed over the calls;
+        or a list of such blocks, each holding whole parameters in ``layer.params`` order (no
+        copy into one tensor)."""
         raise NotImplementedError
 
     def gram_direction(self, layer: Layer, r: dict[str, Tensor]
@@ -121,6 +123,11 @@ class Rule:
         layer's Gram entries: ``(R [q, p], b [q] or None)``, so that an entry ``(h, d, c)``
         moves output a by ``d_a · (R h) + sqrt(c) d_a · b`` (``verify.Projection``)."""
         raise NotImplementedError
+
+    def transposed(self, layer: Layer) -> bool:
+        """True when the weight is stored ``(p, q)``, the transpose of ``gram_direction``'s
+        ``R`` (what ``ntk_features`` hashes by the stored layout)."""
+        return False
 
     def gradient_direction(self, layer: Layer, r: dict[str, Tensor]) -> Tensor:
         """``r`` in the layout of ``per_sample_gradients``: Tensor[P_l], the parameters in

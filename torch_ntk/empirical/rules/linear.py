@@ -1,9 +1,14 @@
-"""``nn.Linear`` and ``torch_ntk.NTKLinear``: ``z = α W h + β b``.
+"""``nn.Linear``, ``torch_ntk.NTKLinear`` and the ``Conv1D`` of Hugging Face's GPT models:
+``z = α W h + β b``.
 
 Called once per sample on an ``(N, p)`` input, the layer's share is the Gram product
 ``(α² h·h' + β²) (δ_a·δ'_b)``: ``p + K² q`` multiply-adds per pair of samples and no
 per-sample gradient. Over extra axes (a sequence ``(N, T, p)``, batch on any axis) or called
 several times, it contributes the per-sample gradients ``Σ_t α δ_t h_tᵀ`` and ``Σ_t β δ_t``.
+
+``transformers``' ``Conv1D`` (GPT-2, GPT, ...) is the same layer with the weight stored
+transposed, ``(p, q)``: ``z = h W + b``. Its per-sample gradients are laid out as its weight,
+its Gram entries as every other linear layer's (``transposed`` tells which).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ class LinearRule(Rule):
     def matches(self, module: nn.Module) -> bool:
         plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
         ntk = isinstance(module, NTKLinear) and type(module).forward is NTKLinear.forward
-        return ((plain or ntk) and "weight" in module._parameters
+        return ((plain or ntk or _is_conv1d(module)) and "weight" in module._parameters
                 and not parametrize.is_parametrized(module)
                 and not _has_hooks(module))
 
@@ -57,9 +62,14 @@ class LinearRule(Rule):
 
     def gram_direction(self, layer: Layer, r: dict[str, Tensor]
                        ) -> tuple[Tensor, Tensor | None]:
-        w = layer.module.weight
-        weight = r["weight"] if "weight" in layer.params else w.new_empty(w.shape[0], 0)
+        q, _ = _out_in(layer.module)
+        if "weight" not in layer.params:
+            return layer.module.weight.new_empty(q, 0), r.get("bias")
+        weight = r["weight"].T if _is_conv1d(layer.module) else r["weight"]
         return weight, r.get("bias")
+
+    def transposed(self, layer: Layer) -> bool:
+        return _is_conv1d(layer.module)
 
     def position_factors(self, layer: Layer, calls: list[Call], deltas: list[list[Tensor]]
                          ) -> list[tuple[Tensor, Tensor, float]]:
@@ -79,12 +89,13 @@ class LinearRule(Rule):
         return entries
 
     def position_bytes(self, layer: Layer, k: int) -> int:
-        q, p = layer.module.weight.shape
+        q, p = _out_in(layer.module)
         return layer.state.get("positions", 1) * (p + k * q) * layer.module.weight.element_size()
 
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         alpha, beta = _scales(layer.module)
+        stored_t = _is_conv1d(layer.module)
         g_w = g_b = None
         for call, delta in zip(calls, deltas):
             bd = call.in_dims[0]
@@ -93,17 +104,20 @@ class LinearRule(Rule):
             n, k, q = h.shape[0], d.shape[0], d.shape[-1]
             h_t, d_t = h.reshape(n, -1, h.shape[-1]), d.reshape(k, n, -1, q)
             if "weight" in layer.params:
-                w = torch.einsum("antq,ntp->naqp", d_t, h_t).reshape(n, k, -1) * alpha
+                d_n = d_t.transpose(0, 1)                         # (n, K, T, q)
+                w = (torch.matmul(h_t.transpose(1, 2).unsqueeze(1), d_n) if stored_t
+                     else torch.matmul(d_n.transpose(2, 3), h_t.unsqueeze(1)))
+                w = w.reshape(n, k, -1)     # batched GEMMs: (n, K, p, q) / (n, K, q, p)
+                w = w if alpha == 1.0 else w * alpha
                 g_w = w if g_w is None else g_w + w
             if "bias" in layer.params:
                 b = d_t.sum(2).transpose(0, 1) * beta
                 g_b = b if g_b is None else g_b + b
-        return torch.cat([g for g in (g_w, g_b) if g is not None], dim=2)
+        return [g for g in (g_w, g_b) if g is not None]
 
     def cost(self, layer: Layer, k: int) -> tuple[float, float]:
-        w = layer.module.weight
-        q, p = w.shape
-        item = w.element_size()
+        q, p = _out_in(layer.module)
+        item = layer.module.weight.element_size()
         if self.uses_gram(layer):
             return float(p + k * k * q), float((p + k * q) * item)
         size = sum(t.numel() for t in layer.params.values())
@@ -118,6 +132,22 @@ def _has_hooks(module: nn.Module) -> bool:
     from torch.nn.modules import module as base
     return bool(module._forward_pre_hooks or module._forward_hooks
                 or base._global_forward_pre_hooks or base._global_forward_hooks)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """``transformers.pytorch_utils.Conv1D`` (matched by name: transformers is optional), its
+    own forward, weight ``(nx, nf)``."""
+    cls = type(module)
+    w = module._parameters.get("weight")
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+            and "forward" in cls.__dict__ and w is not None and w.dim() == 2
+            and tuple(w.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    """(q, p): the layer's output and input widths."""
+    q, p = module.weight.shape
+    return (p, q) if _is_conv1d(module) else (q, p)
 
 
 def _scales(module: nn.Module) -> tuple[float, float]:

@@ -379,3 +379,30 @@ def test_by_layer_in_one_pass_equals_one_call_per_module(name, mode, distinct):
     assert list(one) == list(calls)
     for key in calls:
         assert _rel(one[key], calls[key]) < 1e-12, key
+
+
+_TIMM_NORMS = {"convnext_atto": "LayerNorm2d", "regnetx_002": "BatchNormAct2d",
+               "mobilenetv3_small_050": "BatchNormAct2d", "vit_tiny_patch16_224": "LayerNorm"}
+
+
+@pytest.mark.parametrize("name", list(_TIMM_NORMS))
+def test_timm_norms_are_factorised(name):
+    """timm's LayerNorm, LayerNorm2d and BatchNormAct2d (its activation included) take their
+    rules, not the catch-all; the structured kernel equals the Jacobian's."""
+    timm = pytest.importorskip("timm")
+    from torch_ntk.empirical.api import KernelPlan
+    extra = {"img_size": 32} if "patch16" in name else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **extra).double().eval()
+    for module in model.modules():   # running statistics away from (0, 1)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with KernelPlan(model, x, method="structured") as plan:
+        rules = {type(l.module).__name__: l.rule.name for l in plan.engine.layers}
+    assert rules[_TIMM_NORMS[name]] != "local"
+    for x2 in (None, x[:3]):
+        ref = torch_ntk.empirical_ntk(model, x, x2, method="jacobian")
+        got = torch_ntk.empirical_ntk(model, x, x2, method="structured")
+        assert _rel(got, ref) < 1e-10

@@ -5,6 +5,11 @@
 - GroupNorm and eval-mode BatchNorm ``z = x̂ ⊙ w[c] + b[c]`` per channel c (axis 1): the same
   sums over the positions of each channel; x̂ uses the sample's own group statistics
   (GroupNorm) or the running statistics (BatchNorm in eval mode).
+- timm's ``LayerNorm`` (the same as LayerNorm), ``LayerNorm2d`` (over the channels of an NCHW
+  tensor: LayerNorm at every pixel) and ``BatchNormAct2d`` (eval-mode BatchNorm followed by its
+  ``drop`` and ``act`` modules: δ is taken back through those to the BatchNorm's output by one
+  batched vector-Jacobian product at the recorded input). Matched by class name and module,
+  as timm is optional.
 - Embedding ``z_t = E[token_t]``: its share is ``Σ_{t,t'} [tok_t = tok'_t'] δ_t · δ'_t'``, a
   sum over the pairs of positions holding the same token. Either as token entries (only the
   matching pairs, found by sorting: ``K² w`` per match) or, where that costs more, as per-sample
@@ -27,10 +32,15 @@ class LayerNormRule(Rule):
     name = "layernorm"
 
     def matches(self, module: nn.Module) -> bool:
-        return (type(module) is nn.LayerNorm and module.elementwise_affine
+        kind = (type(module) is nn.LayerNorm or _is_timm(module, "LayerNorm")
+                or _is_timm(module, "LayerNorm2d"))
+        return (kind and module.elementwise_affine
                 and "weight" in module._parameters and not _has_hooks(module))
 
     def accepts(self, layer: Layer, calls: list[Call]) -> bool:
+        if _is_timm(layer.module, "LayerNorm2d"):   # (N, C, H, W), normalised over C
+            return all(len(c.inputs()) == 1 and c.in_dims == [0] and c.out_dims == [0]
+                       and c.inputs()[0].dim() == 4 for c in calls)
         dims = len(layer.module.normalized_shape)
         return all(len(c.inputs()) == 1 and c.in_dims[0] is not None
                    and c.in_dims[0] < c.inputs()[0].dim() - dims for c in calls)
@@ -38,11 +48,15 @@ class LayerNormRule(Rule):
     def per_sample_gradients(self, layer: Layer, calls: list[Call],
                              deltas: list[list[Tensor]]) -> Tensor:
         module = layer.module
+        channels_first = _is_timm(module, "LayerNorm2d")
         total = None
         for call, delta in zip(calls, deltas):
             x, bd = call.inputs()[0], call.in_dims[0]
+            d = delta[0]
+            if channels_first:                                    # as LayerNorm per pixel
+                x, d = x.permute(0, 2, 3, 1), d.permute(0, 1, 3, 4, 2)
             width = module.weight.numel()
-            d = delta[0].movedim(bd + 1, 1)                       # (K, n, ..., *normalized)
+            d = d.movedim(bd + 1, 1)                              # (K, n, ..., *normalized)
             k, n = d.shape[:2]
             x_hat = lambda: F.layer_norm(  # noqa: E731
                 x, module.normalized_shape, None, None, module.eps
@@ -57,7 +71,8 @@ class ChannelNormRule(Rule):
 
     def matches(self, module: nn.Module) -> bool:
         batchnorm = (isinstance(module, nn.modules.batchnorm._BatchNorm)
-                     and type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+                     and (type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+                          or _is_timm(module, "BatchNormAct2d"))
                      and not module.training and module.track_running_stats)
         return ((batchnorm or type(module) is nn.GroupNorm) and module.affine
                 and "weight" in module._parameters and not _has_hooks(module))
@@ -74,7 +89,8 @@ class ChannelNormRule(Rule):
             x = call.inputs()[0]
             n, c = x.shape[:2]
             k = delta[0].shape[0]
-            d = delta[0].reshape(k, n, c, -1).transpose(2, 3)      # (K, n, T, C)
+            d = _before_activation(module, x, delta[0])
+            d = d.reshape(k, n, c, -1).transpose(2, 3)             # (K, n, T, C)
             x_hat = lambda: _normalised(module, x).reshape(n, c, -1).transpose(1, 2)  # noqa: E731
             g = _entrywise_gradients(layer, d, x_hat)
             total = g if total is None else total + g
@@ -179,6 +195,26 @@ def _entrywise_gradients(layer: Layer, d: Tensor, x_hat) -> Tensor:
     if "bias" in layer.params:
         parts.append(d.sum(2).transpose(0, 1))
     return torch.cat(parts, dim=2)
+
+
+def _is_timm(module: nn.Module, name: str) -> bool:
+    """``module`` is timm's class ``name`` with its own forward (timm is optional)."""
+    cls = type(module)
+    return (cls.__name__ == name and cls.__module__.startswith("timm.")
+            and "forward" in cls.__dict__)
+
+
+def _before_activation(module: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+    """δ (K, *z.shape) at a norm's affine output: for timm's BatchNormAct2d, ``d`` taken back
+    through ``act(drop(·))`` at the recorded input (one batched vector-Jacobian product);
+    ``d`` itself for every other norm."""
+    if not _is_timm(module, "BatchNormAct2d"):
+        return d
+    with torch.enable_grad():
+        u = F.batch_norm(x, module.running_mean, module.running_var, module.weight.detach(),
+                         module.bias.detach(), False, 0.0, module.eps).requires_grad_()
+        y = module.act(module.drop(u.clone()))     # clone: an in-place activation
+        return torch.autograd.grad(y, u, d, is_grads_batched=True)[0]
 
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""``nn.Linear``, ``torch_ntk.NTKLinear`` and the ``Conv1D`` of Hugging Face's GPT models:
+"""``nn.Linear`` (timm's subclass too), ``torch_ntk.NTKLinear`` and the ``Conv1D`` of Hugging
+Face's GPT models:
 ``z = α W h + β b``.
 
 Called once per sample on an ``(N, p)`` input, the layer's share is the Gram product
@@ -28,7 +29,9 @@ class LinearRule(Rule):
     def matches(self, module: nn.Module) -> bool:
         plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
         ntk = isinstance(module, NTKLinear) and type(module).forward is NTKLinear.forward
-        return ((plain or ntk or _is_conv1d(module)) and "weight" in module._parameters
+        timm = (isinstance(module, nn.Linear) and type(module).__name__ == "Linear"
+                and type(module).__module__.startswith("timm."))   # F.linear, as nn.Linear
+        return ((plain or ntk or timm or _is_conv1d(module)) and "weight" in module._parameters
                 and not parametrize.is_parametrized(module)
                 and not _has_hooks(module))
 

@@ -136,6 +136,27 @@ def test_random_forward_is_named_as_such():
         torch_ntk.empirical_ntk(Noisy(3, 2).double(), torch.randn(5, 3, dtype=F64))
 
 
+def test_noise_shared_by_the_batch_is_named_random():
+    class SharedNoise(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + torch.randn((), dtype=x.dtype)
+
+    with pytest.raises(ValueError, match="model is random"):
+        torch_ntk.empirical_ntk(SharedNoise(3, 2).double(), torch.randn(5, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
+def test_a_row_dependent_output_is_named_an_interaction(method):
+    class ByRow(nn.Linear):    # the same sample gives other outputs in other rows
+        def forward(self, x):
+            rows = torch.arange(x.shape[0], dtype=x.dtype)[:, None]
+            return super().forward(x) + rows
+
+    with pytest.raises(ValueError, match="depends on the other samples"):
+        torch_ntk.empirical_ntk(ByRow(3, 2).double(), torch.randn(5, 3, dtype=F64),
+                                method=method)
+
+
 def test_out_behaves_like_an_in_place_output():
     model = nn.Linear(3, 2).double()
     x = torch.randn(4, 3, dtype=F64)

@@ -460,8 +460,10 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
 
     The probe holds distinct samples of x1 and x2 (a perturbed copy when there is only one):
 
-    - the forward is deterministic, and each sample's output is the same alone as in the
-      batch (samples don't interact): otherwise a ValueError, whatever the method;
+    - each sample's output is the same in every row of the probe that holds it and alone as
+      in the batch (samples don't interact, the forward is not random): otherwise a
+      ValueError, whatever the method, that names a random forward when a second forward of
+      the probe disagrees with the first;
     - structured: each layer's calls keep every sample on its own batch row (a layer that
       doesn't is handed to the Jacobian path under "auto", named in a ValueError under
       "structured"), and the factorised kernel equals autograd's on pairs of distinct samples
@@ -488,37 +490,51 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                 continue
             probe = samples[torch.arange(size, device=x1.device) % samples.shape[0]]
             engine: StructuredNTK | JacobianNTK
-            with checks.input_dtype_errors(x1, params):
+            with checks.input_dtype_errors(x1, params), checks.checkpoint_without_gradients():
                 if method == "jacobian":
                     engine = JacobianNTK(model, params)
                     if scripted:
                         engine.jacobian.use_autograd()
                     with torch.enable_grad():  # every forward of a call runs in grad mode
-                        f_probe = _detached(model(probe))
+                        f_probe, computing = verify.computing_dtype(
+                            lambda: _detached(model(probe)), torch.float64)
                     break
                 engine = StructuredNTK(model, params)
-                f_probe = engine.plan(probe)
+                f_probe, computing = verify.computing_dtype(lambda: engine.plan(probe),
+                                                            torch.float64)
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
+        computing = verify.least_precise(computing, f_probe.dtype)
         if by_cost and method == "auto" and engine.factorised and _too_costly(
                 engine, params, f_probe.shape[1]):
             engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
-        with torch.enable_grad():
+        m = samples.shape[0]
+
+        def blame_randomness() -> None:
+            """A failed check on the probe: a random forward, when a second one disagrees."""
             with checks.checkpoint_without_gradients():
-                again, computing = verify.computing_dtype(lambda: _detached(model(probe)),
-                                                          f_probe.dtype)
+                again = _detached(model(probe))
             checks.check_deterministic(f_probe, checks.check_output(again, size, "x1"),
                                        computing)
-            for row in range(samples.shape[0]):
-                if method == "jacobian":
-                    f_single = _detached(model(probe[row:row + 1]))
-                else:
-                    bad, f_single = engine.check_rows(probe, row)
-                    moved.update(bad)
-                checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"), row,
-                                         computing)
+
+        with torch.enable_grad():
+            try:
+                for row in range(size - m):   # rows j and j + m hold the same sample
+                    checks.check_independent(f_probe, f_probe[row + m:row + m + 1], row,
+                                             computing)
+                for row in range(m):
+                    if method == "jacobian":
+                        f_single = _detached(model(probe[row:row + 1]))
+                    else:
+                        bad, f_single = engine.check_rows(probe, row)
+                        moved.update(bad)
+                    checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"),
+                                             row, computing)
+            except ValueError:
+                blame_randomness()
+                raise
         if method == "jacobian":
             return engine, f_probe.shape[1], computing
         moved = sorted(moved)

@@ -74,8 +74,12 @@ def computing_dtype(forward, dtype: torch.dtype):
     float32 (e.g. Hugging Face's RMSNorm) is only as exact as float32."""
     with _FloatDtypes() as mode:
         result = forward()
-    least = max(mode.seen | {dtype}, key=lambda d: torch.finfo(d).eps)
-    return result, least
+    return result, least_precise(*mode.seen, dtype)
+
+
+def least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype of largest eps among ``dtypes``."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 class Direction(dict):

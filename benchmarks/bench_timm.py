@@ -97,6 +97,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     timers = Timers()
     rows = []
+    result = {"size": args.size, "dtype": "float32", "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rows": rows}
     for name in args.models:
         model = build(name, args.size)
         for n in args.n:
@@ -127,12 +129,9 @@ def main() -> None:
                       f"{row['jacobian']:.3f} s  auto {row['auto']:.3f} s  best/auto "
                       f"{row['auto_over_best']:.2f}x  fixed {fixed:.0%}  (error {error:.1e})",
                       flush=True)
-    result = {"size": args.size, "dtype": "float32", "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {args.json}")
+                if args.json:     # after every row: a long run cut short keeps what it has
+                    with open(args.json, "w") as fh:
+                        json.dump(result, fh, indent=2)
 
 
 if __name__ == "__main__":

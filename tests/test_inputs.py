@@ -406,3 +406,47 @@ def test_timm_norms_are_factorised(name):
         ref = torch_ntk.empirical_ntk(model, x, x2, method="jacobian")
         got = torch_ntk.empirical_ntk(model, x, x2, method="structured")
         assert _rel(got, ref) < 1e-10
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_gpt2_conv1d_layers_are_linear_layers(distinct):
+    """transformers' Conv1D (weight stored transposed) takes the linear rule; the structured
+    kernel over its parameters equals the Jacobian's, the bias alone too."""
+    from torch_ntk.empirical.api import KernelPlan
+    model, output = _hf_models()["gpt2"]
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 40, (5, 7), generator=g)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    x1 = {"input_ids": ids, "attention_mask": mask}
+    x2 = {"input_ids": ids[:3].flip(1), "attention_mask": mask[:3]} if distinct else None
+    with KernelPlan(model, x1, output=output, method="structured") as plan:
+        rules = {l.name: l.rule.name for l in plan.engine.layers}
+    assert {r for n, r in rules.items() if n.endswith(("c_attn", "c_fc", "c_proj"))} == {"linear"}
+    for params in (lambda n, p: "c_" in n, lambda n, p: "c_fc.bias" in n):
+        ref = torch_ntk.empirical_ntk(model, x1, x2, output=output, params=params,
+                                      method="jacobian")
+        for mode in MODES:
+            got = torch_ntk.empirical_ntk(model, x1, x2, output=output, params=params,
+                                          method="structured", mode=mode)
+            want = {"full": ref, "trace": torch.einsum("nmaa->nm", ref),
+                    "diagonal": torch.einsum("nmaa->nma", ref)}[mode]
+            assert _rel(got, want) < 1e-10, mode
+
+
+def test_batchnorm_act_with_a_parametrised_activation():
+    """timm's BatchNormAct2d whose activation has its own parameter (PReLU) and drops
+    nothing: both shares exact under the structured method."""
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+    torch.manual_seed(0)
+    norm = BatchNormAct2d(4, act_layer=nn.PReLU).eval()
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), norm, nn.Flatten(), nn.Linear(4 * 16, 3))
+    model = model.double()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    ref = torch_ntk.empirical_ntk(model, x, method="jacobian")
+    assert _rel(torch_ntk.empirical_ntk(model, x, method="structured"), ref) < 1e-10
+    assert isinstance(norm.act, nn.PReLU)

@@ -302,30 +302,84 @@ def test_timm_zoo_in_every_mode(name):
         assert _rel(got, want) < 1e-10, mode
 
 
+def _every_mode_matches(model, x1, x2, tol=1e-10, **kwargs):
+    """auto in every mode, x2 as given, against the Jacobian method's full kernel."""
+    ref = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian", **kwargs)
+    for mode in MODES + ("pntk",):
+        got = torch_ntk.empirical_ntk(model, x1, x2, mode=mode, **kwargs)
+        want = {"full": ref, "trace": torch.einsum("nmaa->nm", ref),
+                "diagonal": torch.einsum("nmaa->nma", ref),
+                "pntk": ref.sum((2, 3)) / ref.shape[-1]}[mode]
+        assert _rel(got, want) < tol, mode
+
+
 @pytest.mark.parametrize("name,size", [("efficientnet_b0", 32),
-                                       ("swin_tiny_patch4_window7_224", 56)])
-def test_timm_large_models_trace(name, size):
+                                       ("swin_tiny_patch4_window7_224", 56),
+                                       ("resnet18", 32), ("mobilenetv3_small_050", 32)])
+@pytest.mark.parametrize("distinct", [False, True])
+def test_timm_models_in_every_mode(name, size, distinct):
     timm = pytest.importorskip("timm")
     extra = {"img_size": size} if "swin" in name else {}
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=3, **extra).double().eval()
     x = torch.randn(3, 3, size, size, dtype=torch.float64)
-    ref = torch_ntk.empirical_ntk(model, x, x[:2], method="jacobian", mode="trace")
-    assert _rel(torch_ntk.empirical_ntk(model, x, x[:2], mode="trace"), ref) < 1e-10
+    _every_mode_matches(model, x, x[:2].flip(0) if distinct else None)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
-def test_timm_models(name):
+def test_timm_layer_kernels_sum_to_the_kernel():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=3).double().eval()
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3).double().eval()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     ref = torch_ntk.empirical_ntk(model, x, x[:2], method="jacobian", mode="trace")
-    got = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace")
-    assert _rel(got, ref) < 1e-10
-    if name == "resnet18":
-        parts = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace", by_layer=True)
-        assert _rel(sum(parts.values()), ref) < 1e-10
+    parts = torch_ntk.empirical_ntk(model, x, x[:2], mode="trace", by_layer=True)
+    assert _rel(sum(parts.values()), ref) < 1e-10
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_hugging_face_llama_in_every_mode(distinct):
+    """A Llama-style model: RMSNorm computing in float32 inside the float64 model, rotary
+    positions, gated MLP, padded prompts; the structured method too (its checks follow the
+    precision the norms compute in)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=40, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 40, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    x1 = {"input_ids": ids, "attention_mask": mask}
+    x2 = {"input_ids": ids[:3].flip(1), "attention_mask": mask[:3]} if distinct else None
+    output = lambda o: o.logits[:, -1, :3]  # noqa: E731
+    # The norms compute in float32: kernels of different functions of the same model (the
+    # pseudo-NTK's Σ_a f_a) agree to float32 rounding only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _every_mode_matches(model, x1, x2, tol=1e-6, output=output)
+        ref = torch_ntk.empirical_ntk(model, x1, x2, output=output, mode="trace",
+                                      method="jacobian")
+        got = torch_ntk.empirical_ntk(model, x1, x2, output=output, mode="trace",
+                                      method="structured")
+    assert _rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_hugging_face_vit_in_every_mode(distinct):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=24, num_labels=3)
+    model = transformers.ViTForImageClassification(config).double().eval()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    x1 = {"pixel_values": x}
+    x2 = {"pixel_values": x[:3].flip(0)} if distinct else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _every_mode_matches(model, x1, x2, output=lambda o: o.logits)
 
 
 def test_the_choice_of_auto_is_logged(caplog):

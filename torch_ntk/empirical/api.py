@@ -461,10 +461,10 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
 
     The probe holds distinct samples of x1 and x2 (a perturbed copy when there is only one):
 
-    - each sample's output is the same in every row of the probe that holds it and alone as
-      in the batch (samples don't interact, the forward is not random): otherwise a
-      ValueError, whatever the method, that names a random forward when a second forward of
-      the probe disagrees with the first;
+    - each sample's output is the same in every row of the probe that holds it and in a
+      batch of the distinct samples alone, in reversed order (samples don't interact, the
+      forward is not random): otherwise a ValueError, whatever the method, that names a
+      random forward when a second forward of the probe disagrees with the first;
     - structured: each layer's calls keep every sample on its own batch row (a layer that
       doesn't is handed to the Jacobian path under "auto", named in a ValueError under
       "structured"), and the factorised kernel equals autograd's on pairs of distinct samples
@@ -525,14 +525,16 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                 for row in range(size - m):   # rows j and j + m hold the same sample
                     checks.check_independent(f_probe, f_probe[row + m:row + m + 1], row,
                                              computing)
-                for row in range(m):
-                    if method == "jacobian":
-                        f_single = _detached(model(probe[row:row + 1]))
-                    else:
-                        bad, f_single = engine.check_rows(probe, row)
-                        moved.update(bad)
-                    checks.check_independent(f_probe, checks.check_output(f_single, 1, "x1"),
-                                             row, computing)
+                # the distinct samples again, as a batch of another size and order
+                rows = torch.arange(m - 1, -1, -1, device=probe.device)
+                if method == "jacobian":
+                    f_rows = _detached(model(probe[rows]))
+                else:
+                    bad, f_rows = engine.check_rows(probe, rows)
+                    moved.update(bad)
+                f_rows = checks.check_output(f_rows, m, "x1")
+                for i, row in enumerate(rows.tolist()):
+                    checks.check_independent(f_probe, f_rows[i:i + 1], row, computing)
             except ValueError:
                 blame_randomness()
                 raise

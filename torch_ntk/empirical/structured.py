@@ -137,26 +137,28 @@ class StructuredNTK:
         self._assign(layers)
         return None
 
-    def check_rows(self, x: Tensor, row: int) -> tuple[list[str], object]:
-        """Layers whose calls on ``x[row]`` alone differ from row ``row`` of the probe's calls.
+    def check_rows(self, x: Tensor, rows: Tensor) -> tuple[list[str], object]:
+        """Layers whose calls on the batch ``x[rows]`` differ, row by row, from rows ``rows``
+        of the probe's calls.
 
         Args:
             x (Tensor[B, *in_shape]): the probe batch given to ``plan``.
-            row (int): the sample to run alone.
+            rows (Tensor[m] int64): the probe rows to run as one batch (another size and
+                order than the probe's).
         Returns:
             (list[str], output): names of layers that don't keep samples on their batch rows,
-            and the model's output on ``x[row:row + 1]``.
+            and the model's output on ``x[rows]``.
         """
         with _recording(self.layers) as calls, torch.enable_grad():
-            f_single = self.model(x[row:row + 1])
-        f_single = f_single.detach() if isinstance(f_single, Tensor) else f_single
+            f_rows = self.model(x[rows])
+        f_rows = f_rows.detach() if isinstance(f_rows, Tensor) else f_rows
         bad = []
         for layer in self.layers:
-            alone, batched = calls[id(layer.module)], self.probe_calls[id(layer.module)]
-            if len(alone) != len(batched) or not all(
-                    _same_row(c1, c2, row) for c1, c2 in zip(alone, batched)):
+            small, batched = calls[id(layer.module)], self.probe_calls[id(layer.module)]
+            if len(small) != len(batched) or not all(
+                    _same_rows(c1, c2, rows) for c1, c2 in zip(small, batched)):
                 bad.append(layer.name)
-        return bad, f_single
+        return bad, f_rows
 
     def pair_cost(self, k: int) -> float:
         """Multiply-adds per pair of inputs of the full-kernel contraction (see api's model)."""
@@ -474,15 +476,16 @@ def _fits(t: Tensor, shape: tuple, d: int | None, n: int) -> bool:
             and tuple(s for i, s in enumerate(t.shape) if i != d) == shape)
 
 
-def _same_row(alone: Call, batched: Call, row: int) -> bool:
-    """True when a single-sample call equals row ``row`` of the batched call (to rounding)."""
-    pairs = list(zip(alone.outputs, batched.outputs, batched.out_dims))
-    pairs += [(a, b, d) for a, b, d in zip(alone.inputs(), batched.inputs(), batched.in_dims)
+def _same_rows(small: Call, batched: Call, rows: Tensor) -> bool:
+    """True when a call on the batch ``x[rows]`` equals rows ``rows`` of the probe's call (to
+    rounding), every tensor along the probe's batch axis."""
+    pairs = list(zip(small.outputs, batched.outputs, batched.out_dims))
+    pairs += [(a, b, d) for a, b, d in zip(small.inputs(), batched.inputs(), batched.in_dims)
               if d is not None and a.is_floating_point()]
-    if len(alone.outputs) != len(batched.outputs):
+    if len(small.outputs) != len(batched.outputs):
         return False
     for a, b, d in pairs:
-        a, ref = a.detach(), b.detach().narrow(d, row, 1)
+        a, ref = a.detach(), b.detach().index_select(d, rows.to(b.device))
         if a.shape != ref.shape:
             return False
         if a.is_floating_point():

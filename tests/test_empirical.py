@@ -149,8 +149,31 @@ def test_auto_stays_structured_on_the_zoo(name):
         for i, j in plan.tiles():     # every block is checked here: a wrong rule shows now
             plan.compute_tile(i, j)
         reason = getattr(plan.engine, "reason", None)
-        assert reason in (None, "cost"), f"auto fell back to the Jacobian on {name}: {reason}"
+        assert reason in (None, "cost", "forms"), \
+            f"auto fell back to the Jacobian on {name}: {reason}"
     with KernelPlan(model, x1, x2, method="structured") as plan:
         for i, j in plan.tiles():
             plan.compute_tile(i, j)
         assert not plan.engine.foreign, f"{name}: {sorted(plan.engine.foreign)} left to the Jacobian"
+
+
+def test_auto_weighs_how_per_sample_gradients_are_formed():
+    """Where the structured contraction saves little, auto still takes the structured engine
+    for a CNN whose convolutions hold most parameters (vmap forms their per-sample gradients
+    slowly), and keeps the Jacobian for a Transformer (a catch-all attention layer)."""
+    from torch_ntk.apps.demo import cnn
+    from torch_ntk.empirical import api
+    from torch_ntk.empirical.api import KernelPlan
+    torch.manual_seed(0)
+    model = cnn.build("gap", 16)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    with KernelPlan(model, x, mode="trace", method="structured") as plan:
+        assert api._too_costly(plan.engine, plan.params, plan.k)   # saves little ...
+    with KernelPlan(model, x, mode="trace") as plan:
+        assert plan.engine.name == "structured" and plan.engine.reason == "forms"   # chosen
+    ref = torch_ntk.empirical_ntk(model, x, mode="trace", method="jacobian")
+    assert_close(torch_ntk.empirical_ntk(model, x, mode="trace"), ref, torch.float64, "gap CNN")
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    attention = nn.Sequential(layer, nn.Flatten(), nn.Linear(16 * 5, 3)).double().eval()
+    with KernelPlan(attention, torch.randn(4, 5, 16, dtype=torch.float64)) as plan:
+        assert plan.engine.name == "jacobian" and plan.engine.reason == "cost"

@@ -32,7 +32,9 @@ _REASONS = {"asked": "asked for", "cost": "the structured contraction would save
             "no layer": "no layer whose calls keep the batch on one axis",
             "structure": "the layers' calls changed between blocks",
             "verify": "a block's check found the structured kernel wrong",
-            "chosen": "its contraction is the cheaper"}
+            "chosen": "its contraction is the cheaper",
+            "forms": "its contraction saves little, but its convolutions' per-sample gradients "
+                     "form faster"}
 
 
 def empirical_ntk(model: nn.Module, x1, x2=None, *, mode: str = "full", method: str = "auto",
@@ -509,7 +511,10 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
         computing = verify.least_precise(computing, f_probe.dtype)
         if by_cost and method == "auto" and engine.factorised and _too_costly(
                 engine, params, f_probe.shape[1]):
-            engine, method = _fallback(model, params, "cost"), "jacobian"
+            if _forms_cheaper(engine, params, f_probe.shape[1]):
+                engine.reason = "forms"
+            else:
+                engine, method = _fallback(model, params, "cost"), "jacobian"
         moved: set[str] = set()
         m = samples.shape[0]
 
@@ -568,6 +573,26 @@ def _too_costly(engine: StructuredNTK, params: dict[str, Tensor], k: int) -> boo
     """The cost model: the structured contraction saves too little over the Jacobian's."""
     return engine.pair_cost(k) >= _STRUCTURED_SHARE * k * k * sum(
         p.numel() for p in params.values())
+
+
+def _forms_cheaper(engine: StructuredNTK, params: dict[str, Tensor], k: int) -> bool:
+    """The structured engine is the faster one although its contraction saves little: every
+    parameter is a layer's, no layer needs a per-module vjp (the catch-all rule), most of
+    them sit in convolutions, and its contraction costs no more than the Jacobian's.
+
+    The Jacobian method forms per-sample gradients inside ``vmap``, where a convolution's
+    weight gradient becomes a batched backward convolution per sample and output; the
+    structured engine takes δ from one batched reverse pass and the gradients from GEMMs over
+    the patches. Measured on ReLU CNNs of 64–256 channels whose 8×8 maps leave most layers
+    per-sample (1.3–1.8× faster); a linear layer's gradient is a GEMM either way, so
+    transformers stay with the cost rule above.
+    """
+    if engine.foreign or any(layer.rule.name == "local" for layer in engine.layers):
+        return False
+    total = sum(p.numel() for p in params.values())
+    conv = sum(p.numel() for layer in engine.layers if layer.rule.name == "conv"
+               for p in layer.params.values())
+    return 2 * conv >= total and engine.pair_cost(k) <= k * k * total
 
 
 def _fallback(model: nn.Module, params: dict[str, Tensor], reason: str) -> JacobianNTK:

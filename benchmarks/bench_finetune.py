@@ -1,10 +1,12 @@
 """The kernel of a Hugging Face GPT-2 as its users call it: torch_ntk next to the torch.func
 recipe of PyTorch's NTK tutorial, and the pseudo-NTK next to the full kernel.
 
-Usage: python benchmarks/bench_finetune.py [--n 32] [--layers 4] [--rounds 3] [--json out.json]
+Usage: python benchmarks/bench_finetune.py [--n 32] [--layers 4] [--vocab 256] [--rounds 3]
+                                           [--json out.json]
 
-GPT-2 built from a config (random weights, no download): ``--layers`` blocks of width 64, 16
-tokens, the last position's logits over 10 tokens (K = 10), float32, x2 = None. Measured in
+GPT-2 built from a config (random weights, no download): ``--layers`` blocks of width 64, a
+``--vocab``-token table tied to the LM head (50257 is GPT-2's own), 16 tokens, the last
+position's logits over 10 tokens (K = 10), float32, x2 = None. Measured in
 one process, the methods alternating for ``--rounds`` rounds (best of ``--repeats`` each):
 
 - ``recipe``: ``vmap(jacrev(f))`` of ``functional_call`` per sample, then ``Σ_p J J'ᵀ`` by
@@ -31,18 +33,18 @@ TOKENS = 16
 OUTPUTS = 10
 
 
-def build(layers: int, seed: int = 0):
+def build(layers: int, seed: int = 0, vocab: int = 256):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=256, n_positions=32,
+    config = GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=vocab, n_positions=32,
                         bos_token_id=0, eos_token_id=0)
     config._attn_implementation = "eager"    # the sdpa mask path branches on the mask's values,
     return GPT2LMHeadModel(config).eval()    # which vmap (the recipe) can't run
 
 
-def batch(n: int, seed: int = 1) -> dict:
+def batch(n: int, seed: int = 1, vocab: int = 256) -> dict:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (n, TOKENS), generator=g)
+    ids = torch.randint(0, vocab, (n, TOKENS), generator=g)
     mask = torch.ones(n, TOKENS, dtype=torch.long)
     mask[::3, TOKENS - 4:] = 0          # a third of the prompts padded
     return {"input_ids": ids, "attention_mask": mask}
@@ -78,13 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    model = build(args.layers)
-    x = batch(args.n)
+    model = build(args.layers, vocab=args.vocab)
+    x = batch(args.n, vocab=args.vocab)
     methods = {
         "recipe": lambda: recipe(model, x),
         "auto": lambda: torch_ntk.empirical_ntk(model, x, output=select),
@@ -106,7 +109,8 @@ def main() -> None:
             "pntk": float((rounds[0]["pntk_value"] - ref.sum((2, 3)) / OUTPUTS).abs().max()
                           / scale)}
     result = {
-        "n": args.n, "layers": args.layers, "tokens": TOKENS, "outputs": OUTPUTS,
+        "n": args.n, "layers": args.layers, "vocab": args.vocab, "tokens": TOKENS,
+        "outputs": OUTPUTS,
         "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "rounds": [{k: v for k, v in row.items() if not k.endswith("_value")} for row in rounds],

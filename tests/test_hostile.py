@@ -329,3 +329,52 @@ def test_batch_size_bounds_the_factor_cache(monkeypatch):
 def test_integer_inputs_to_a_float_model_are_named():
     with pytest.raises(TypeError, match="failed on x1 of dtype torch.int64.*x1.to"):
         torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randint(0, 5, (4, 3)))
+
+
+class TiedLM(nn.Module):
+    """An Embedding whose table is also the weight of the Linear head (a tied LM head)."""
+
+    def __init__(self, padding_idx=None, bias=False, extra_use=False, every_position=False):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=padding_idx)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=bias)
+        self.head.weight = self.emb.weight
+        self.extra_use, self.every_position = extra_use, every_position
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        logits = self.head(h)
+        out = logits.flatten(1) if self.every_position else logits[:, -1, :4]
+        if self.extra_use:   # the table read once more by F.linear, for one token only
+            out = out + (h[:, 0] @ self.emb.weight[:out.shape[1]].T) * (ids[:, :1] == 3)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "padding", "bias", "every_position"])
+def test_a_tied_head_joins_the_table_sparsely(kind):
+    from torch_ntk.empirical.api import KernelPlan
+    torch.manual_seed(0)
+    model = TiedLM(padding_idx=2 if kind == "padding" else None, bias=kind == "bias",
+                   every_position=kind == "every_position").double()
+    ids = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(1))
+    with KernelPlan(model, ids, method="structured") as plan:
+        assert not plan.engine.foreign and "head" in plan.engine.layers[0].state
+    for x2 in (None, ids[:4].flip(1)):
+        ref = torch_ntk.empirical_ntk(model, ids, x2, method="jacobian")
+        for mode in ("full", "trace", "diagonal"):
+            got = torch_ntk.empirical_ntk(model, ids, x2, method="structured", mode=mode)
+            want = {"full": ref, "trace": torch.einsum("nmaa->nm", ref),
+                    "diagonal": torch.einsum("nmaa->nma", ref)}[mode]
+            assert_close(got, want, F64, f"tied head, {kind}, {mode}")
+
+
+def test_a_tied_table_read_once_more_on_one_sample_is_caught():
+    torch.manual_seed(0)
+    model = TiedLM(extra_use=True).double()
+    ids = torch.randint(4, 11, (6, 5), generator=torch.Generator().manual_seed(1))
+    ids[4, 0] = 3          # only sample 4 takes the extra read
+    ref = torch_ntk.empirical_ntk(model, ids, method="jacobian")
+    assert_close(torch_ntk.empirical_ntk(model, ids), ref, F64, "auto, tied table read again")
+    with pytest.raises(ValueError, match="also acts outside"):
+        torch_ntk.empirical_ntk(model, ids, method="structured")

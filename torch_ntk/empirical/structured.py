@@ -76,12 +76,16 @@ class StructuredNTK:
             for c, (in_dims, out_dims) in zip(recorded, dims):
                 c.in_dims, c.out_dims = in_dims, out_dims
             layer.state["k"] = k
+            if "head" in layer.state and not _head_fits(layer, calls, b):
+                continue   # the tied table goes to the Jacobian path
             if layer.rule.accepts(layer, recorded):
                 layer.calls = len(recorded)
                 layer.signature = [_signature(c) for c in recorded]
                 kept.append(layer)
         self._assign(kept)
         self.probe_calls = {id(l.module): calls[id(l.module)] for l in self.layers}
+        self.probe_calls.update({id(l.state["head"]): calls[id(l.state["head"])]
+                                 for l in self.layers if "head" in l.state})
         return f.detach() if isinstance(f, Tensor) else f
 
     def drop(self, names: set[str]) -> None:
@@ -154,10 +158,13 @@ class StructuredNTK:
         f_rows = f_rows.detach() if isinstance(f_rows, Tensor) else f_rows
         bad = []
         for layer in self.layers:
-            small, batched = calls[id(layer.module)], self.probe_calls[id(layer.module)]
-            if len(small) != len(batched) or not all(
-                    _same_rows(c1, c2, rows) for c1, c2 in zip(small, batched)):
-                bad.append(layer.name)
+            for module in [layer.module] + ([layer.state["head"]] if "head" in layer.state
+                                            else []):
+                small, batched = calls[id(module)], self.probe_calls[id(module)]
+                if len(small) != len(batched) or not all(
+                        _same_rows(c1, c2, rows) for c1, c2 in zip(small, batched)):
+                    bad.append(layer.name)
+                    break
         return bad, f_rows
 
     def pair_cost(self, k: int) -> float:
@@ -190,7 +197,10 @@ class StructuredNTK:
             f = checks.check_output(self.model(x), n, "these inputs")
             for layer in self.layers:
                 _check_calls(layer, calls[id(layer.module)], n)
-            zs = [z for l in self.layers for c in calls[id(l.module)] for z in c.outputs]
+                if "head" in layer.state:
+                    _check_calls(layer, calls[id(layer.state["head"])], n,
+                                 layer.state["head_calls"], layer.state["head_signature"])
+            zs = [z for l in self.layers for c in _layer_calls(l, calls) for z in c.outputs]
             deltas = iter(_output_gradients(f, zs))
         out = Factors(outputs=f.detach())
         proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device, r)
@@ -199,6 +209,8 @@ class StructuredNTK:
         for layer in self.layers:
             recorded = calls[id(layer.module)]
             per_call = [[next(deltas) for _ in c.outputs] for c in recorded]
+            head = calls[id(layer.state["head"])] if "head" in layer.state else []
+            head_deltas = [[next(deltas) for _ in c.outputs] for c in head]
             r_layer = None if r is None else self._relative(layer, r)
             owner = self._owner(layer)
             full = {rel: name_of[id(p)] for rel, p in layer.params.items()}
@@ -224,6 +236,8 @@ class StructuredNTK:
                                   entries[0][2], weight, bias)
             elif layer.rule.uses_tokens(layer):
                 tokens, d = layer.rule.token_factors(layer, recorded, per_call)
+                if head:
+                    tokens, d = _with_head_rows(tokens, d, head, head_deltas)
                 out.add_tokens(tokens, d.detach(), owner=owner, param=full.get("weight"))
                 if proj is not None:
                     proj.add_tokens(tokens, d.detach(), layer.rule.token_direction(layer, r_layer))
@@ -319,21 +333,66 @@ class _Recorded(Call):
 
 def _candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Layer]:
     """A Layer per module that owns trainable parameters (or is parametrised), each with its
-    own rule; parameters shared by several modules are left to the Jacobian path."""
+    own rule; parameters shared by several modules are left to the Jacobian path, except an
+    Embedding's table that a Linear head also uses as its weight (a tied LM head): the
+    Embedding's layer takes it, with the head's calls recorded beside its own."""
     trainable = {id(p) for p in params.values()}
     owners = _owners(model)
+    heads = _tied_heads(model, trainable, owners)
     layers = []
     for name, module in model.named_modules():
         rule = rule_for(module)
         own = {rel: p for rel, p in rule.own_params(module).items()
-               if id(p) in trainable and owners[id(p)] == 1}
+               if id(p) in trainable and (owners[id(p)] == 1 or (
+                   id(module) in heads and rel == "weight"))}
         if parametrize.is_parametrized(module):
             own.update({rel: p for rel, p in module.named_parameters()
                         if rel.startswith("parametrizations.") and id(p) in trainable
                         and owners[id(p)] == 1})
         if own:
             layers.append(Layer(name or "<root>", module, rule, own))
+            if id(module) in heads and "weight" in own:
+                layers[-1].state["head"] = heads[id(module)]
     return layers
+
+
+def _head_fits(layer: Layer, calls: dict[int, list], b: int) -> bool:
+    """A tied head's probe calls: one input and one output each, the batch on the same axis
+    (not the features'), the head's own weight; their batch axes and signature are kept."""
+    head_calls = calls[id(layer.state["head"])]
+    for c in head_calls:
+        dims = _batch_dims(c, b)
+        if dims in (None, "ambiguous") or not c.own or len(c.inputs()) != 1 or len(c.outputs) != 1:
+            return False
+        (bd,), (od,) = dims
+        if bd is None or bd != od or bd == c.inputs()[0].dim() - 1:
+            return False
+        c.in_dims, c.out_dims = [bd], [od]
+    layer.state["head_calls"] = len(head_calls)
+    layer.state["head_signature"] = [_signature(c) for c in head_calls]
+    layer.state["head_rows"] = min(layer.state.get("k", 1), layer.module.weight.shape[0])
+    return True
+
+
+def _tied_heads(model: nn.Module, trainable: set[int], owners: dict[int, int]
+                ) -> dict[int, nn.Module]:
+    """id(Embedding) -> the Linear that uses its table as its weight (and no other module),
+    for the tables in ``trainable`` that the embedding rule and the linear rule both take."""
+    from torch_ntk.empirical.rules.elementwise import EmbeddingRule
+    from torch_ntk.empirical.rules.linear import LinearRule
+    tables = {}
+    for module in model.modules():
+        w = module._parameters.get("weight")
+        if (w is not None and id(w) in trainable and owners.get(id(w)) == 2
+                and EmbeddingRule().matches(module)):
+            tables[id(w)] = module
+    heads = {}
+    for module in model.modules():
+        w = module._parameters.get("weight")
+        if (w is not None and id(w) in tables and tables[id(w)] is not module
+                and isinstance(module, nn.Linear) and LinearRule().matches(module)):
+            heads[id(tables[id(w)])] = module
+    return heads
 
 
 def _owners(model: nn.Module) -> dict[int, int]:
@@ -355,10 +414,18 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
     hook. Calls made while autograd runs a backward (a checkpointed region recomputing its
     forward) are not calls of the forward and are not recorded. With ``clone`` the hook
     returns clones of the outputs, so that in-place operations later in the forward can't
-    rewrite the recorded ``z``.
+    rewrite the recorded ``z``. A tied head (``layer.state["head"]``) is recorded too, under
+    its own id.
     """
-    calls: dict[int, list[_Recorded]] = {id(l.module): [] for l in layers}
-    pending: dict[int, list[tuple]] = {id(l.module): [] for l in layers}
+    registered: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
+    for l in layers:
+        units = [(l.module, {rel: l.module.get_parameter(rel) for rel in l.params})]
+        if "head" in l.state:
+            units.append((l.state["head"], {"weight": l.params["weight"]}))
+        for module, params in units:   # a head with a bias of its own is a layer as well
+            registered.setdefault(id(module), (module, {}))[1].update(params)
+    calls: dict[int, list[_Recorded]] = {key: [] for key in registered}
+    pending: dict[int, list[tuple]] = {key: [] for key in registered}
     handles = []
 
     def detached(tree):
@@ -371,9 +438,7 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
         if not in_backward():
             pending[id(module)].append((detached(args), detached(kwargs)))
 
-    def hook_for(layer: Layer):
-        registered = {rel: layer.module.get_parameter(rel) for rel in layer.params}
-
+    def hook_for(registered: dict[str, Tensor]):
         def hook(module, args, kwargs, output):
             if in_backward() or not pending[id(module)]:
                 return None
@@ -393,10 +458,10 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
         return hook
 
     try:
-        for layer in layers:
-            handles.append(layer.module.register_forward_pre_hook(
+        for module, params in registered.values():
+            handles.append(module.register_forward_pre_hook(
                 pre_hook, prepend=True, with_kwargs=True))
-            handles.append(layer.module.register_forward_hook(hook_for(layer), with_kwargs=True))
+            handles.append(module.register_forward_hook(hook_for(params), with_kwargs=True))
         yield calls
     finally:
         for handle in handles:
@@ -448,14 +513,18 @@ class StructureChanged(ValueError):
     """A block called a layer differently from the probe (``auto`` takes the Jacobian)."""
 
 
-def _check_calls(layer: Layer, calls: list[_Recorded], n: int) -> None:
-    """Every block must call the layer as the probe did, with n samples on the batch axes."""
-    if len(calls) != layer.calls:
+def _check_calls(layer: Layer, calls: list[_Recorded], n: int, expected: int | None = None,
+                 signature: list | None = None) -> None:
+    """Every block must call the layer (or its tied head: ``expected`` calls of ``signature``)
+    as the probe did, with n samples on the batch axes."""
+    expected = layer.calls if expected is None else expected
+    signature = layer.signature if signature is None else signature
+    if len(calls) != expected:
         raise StructureChanged(
             f"empirical_ntk: layer {layer.name!r} was called {len(calls)} times on one batch but "
-            f"{layer.calls} times on another; the model's structure depends on its input. Use "
+            f"{expected} times on another; the model's structure depends on its input. Use "
             "method='jacobian'.")
-    for call, sig in zip(calls, layer.signature):
+    for call, sig in zip(calls, signature):
         (ins, outs) = sig
         call.in_dims = [d for _, d in ins]
         call.out_dims = [d for _, d in outs]
@@ -467,6 +536,32 @@ def _check_calls(layer: Layer, calls: list[_Recorded], n: int) -> None:
                 f"empirical_ntk: layer {layer.name!r} was called with other shapes on a block "
                 f"of {n} inputs than on the probe; the model's structure depends on its input "
                 "or batch size. Use method='jacobian'.")
+
+
+def _layer_calls(layer: Layer, calls: dict[int, list]) -> list:
+    """The recorded calls whose outputs need δ for a layer: its own, then its tied head's."""
+    own = calls[id(layer.module)]
+    return own + calls[id(layer.state["head"])] if "head" in layer.state else own
+
+
+def _with_head_rows(tokens: Tensor, d: Tensor, head: list[Call], deltas: list[list[Tensor]]
+                    ) -> tuple[Tensor, Tensor]:
+    """A tied table's token entry ``(tokens [n, T], d [n, T, K, w])`` with the rows its head
+    reads appended: row v of the head's weight has gradient ``Σ_t δ_t[v] h_t`` for output a,
+    one entry per row v that some δ of the block reaches (the rest are zero), so the pairs of
+    entries holding the same row sum to the table's share exactly."""
+    n = tokens.shape[0]
+    for call, delta in zip(head, deltas):
+        bd = call.in_dims[0]
+        h = call.inputs()[0].movedim(bd, 0)
+        h = h.reshape(n, -1, h.shape[-1])                                 # (n, T', w)
+        dl = delta[0].movedim(bd + 1, 1)
+        dl = dl.reshape(dl.shape[0], n, -1, dl.shape[-1])                  # (K, n, T', V)
+        active = dl.ne(0).flatten(0, 2).any(0).nonzero().squeeze(1)        # rows reached
+        rows = torch.einsum("kntv,ntw->nvkw", dl.index_select(3, active), h)
+        tokens = torch.cat([tokens, active.expand(n, -1)], dim=1)
+        d = torch.cat([d, rows.to(d.dtype)], dim=1)
+    return tokens, d.contiguous()
 
 
 def _fits(t: Tensor, shape: tuple, d: int | None, n: int) -> bool:

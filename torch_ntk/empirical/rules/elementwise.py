@@ -115,6 +115,8 @@ class EmbeddingRule(Rule):
         return True
 
     def uses_tokens(self, layer: Layer) -> bool:
+        if "head" in layer.state:   # a tied head's rows join the token entry (structured)
+            return True
         vocab = layer.module.weight.shape[0]
         return _TOKEN_PAIR_COST * layer.state.get("matches", float(vocab)) < vocab
 
@@ -151,8 +153,10 @@ class EmbeddingRule(Rule):
         vocab, width = layer.module.weight.shape
         item = layer.module.weight.element_size()
         if self.uses_tokens(layer):
-            positions = layer.state.get("positions", 1)
-            return (float(_TOKEN_PAIR_COST * layer.state["matches"] * k * k * width),
+            rows = layer.state.get("head_rows", 0)     # of a tied head, matching each other
+            positions = layer.state.get("positions", 1) + rows
+            matches = layer.state.get("matches", float(vocab)) + rows
+            return (float(_TOKEN_PAIR_COST * matches * k * k * width),
                     float(positions * (k * width * item + 8)))
         return float(k * k * vocab * width), float(k * vocab * width * item)
 

@@ -557,11 +557,24 @@ def _with_head_rows(tokens: Tensor, d: Tensor, head: list[Call], deltas: list[li
         h = h.reshape(n, -1, h.shape[-1])                                 # (n, T', w)
         dl = delta[0].movedim(bd + 1, 1)
         dl = dl.reshape(dl.shape[0], n, -1, dl.shape[-1])                  # (K, n, T', V)
-        active = dl.ne(0).flatten(0, 2).any(0).nonzero().squeeze(1)        # rows reached
+        active = (_column_reach(dl.reshape(-1, dl.shape[-1])) != 0).nonzero().squeeze(1)
         rows = torch.einsum("kntv,ntw->nvkw", dl.index_select(3, active), h)
         tokens = torch.cat([tokens, active.expand(n, -1)], dim=1)
         d = torch.cat([d, rows.to(d.dtype)], dim=1)
     return tokens, d.contiguous()
+
+
+def _column_reach(m: Tensor) -> Tensor:
+    """``max |m[:, v]|`` per column of m (Tensor[R, V]; NaN where a column holds one), over
+    chunks of rows whose temporaries stay in cache (one pass over m: the δ of an LM head's
+    logits may be a gigabyte)."""
+    reach = m.new_zeros(m.shape[1])
+    for start in range(0, m.shape[0], _REACH_ROWS):
+        torch.maximum(reach, m[start:start + _REACH_ROWS].abs().amax(0), out=reach)
+    return reach
+
+
+_REACH_ROWS = 32
 
 
 def _fits(t: Tensor, shape: tuple, d: int | None, n: int) -> bool:

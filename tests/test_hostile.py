@@ -378,3 +378,40 @@ def test_a_tied_table_read_once_more_on_one_sample_is_caught():
     assert_close(torch_ntk.empirical_ntk(model, ids), ref, F64, "auto, tied table read again")
     with pytest.raises(ValueError, match="also acts outside"):
         torch_ntk.empirical_ntk(model, ids, method="structured")
+
+
+class Positions(nn.Module):
+    """Token and position embeddings, the positions looked up once for the whole batch."""
+
+    def __init__(self, use="add"):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(9, 4), nn.Embedding(5, 4)
+        self.out = nn.Linear(4 * 5, 3)
+        self.use = use
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))       # (1, T, w)
+        if self.use == "first":      # the batch's copy 0 only: δ would all go to sample 0
+            pos = pos[0]
+        elif self.use == "view":     # a view that only the unexpanded (1, T, w) allows
+            pos = pos.view(ids.shape[1], 4)
+        return self.out(torch.tanh(self.tok(ids) + pos).flatten(1))
+
+
+@pytest.mark.parametrize("use", ["add", "first", "view"])
+def test_a_table_looked_up_once_for_the_batch(use):
+    from torch_ntk.empirical.api import KernelPlan
+    torch.manual_seed(0)
+    model = Positions(use).double()
+    ids = torch.randint(0, 9, (6, 5), generator=torch.Generator().manual_seed(1))
+    for x2 in (None, ids[:4].flip(1)):
+        ref = torch_ntk.empirical_ntk(model, ids, x2, method="jacobian")
+        assert_close(torch_ntk.empirical_ntk(model, ids, x2), ref, F64, f"auto, {use}")
+    if use == "add":   # its share from the rule, per sample
+        with KernelPlan(model, ids, method="structured") as plan:
+            assert not plan.engine.foreign
+        assert_close(torch_ntk.empirical_ntk(model, ids, method="structured"),
+                     torch_ntk.empirical_ntk(model, ids, method="jacobian"), F64, "structured")
+    else:
+        with pytest.raises(ValueError, match="pos"):
+            torch_ntk.empirical_ntk(model, ids, method="structured")

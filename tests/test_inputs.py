@@ -302,6 +302,17 @@ def test_timm_zoo_in_every_mode(name):
         assert _rel(got, want) < 1e-10, mode
 
 
+def _prompts(n, t, seed, padded, distinct):
+    """x1 of n prompts of t tokens from a 40-token vocabulary, prompt padded[0] padded from
+    position padded[1]; x2 three of them reversed, or None."""
+    ids = torch.randint(0, 40, (n, t), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[padded[0], padded[1]:] = 0
+    x1 = {"input_ids": ids, "attention_mask": mask}
+    x2 = {"input_ids": ids[:3].flip(1), "attention_mask": mask[:3]} if distinct else None
+    return x1, x2
+
+
 def _every_mode_matches(model, x1, x2, tol=1e-10, **kwargs):
     """auto in every mode, x2 as given, against the Jacobian method's full kernel."""
     ref = torch_ntk.empirical_ntk(model, x1, x2, method="jacobian", **kwargs)
@@ -347,12 +358,7 @@ def test_hugging_face_llama_in_every_mode(distinct):
         hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=40, max_position_embeddings=16)
     model = transformers.LlamaForCausalLM(config).double().eval()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 40, (4, 6), generator=g)
-    mask = torch.ones(4, 6, dtype=torch.long)
-    mask[1, 4:] = 0
-    x1 = {"input_ids": ids, "attention_mask": mask}
-    x2 = {"input_ids": ids[:3].flip(1), "attention_mask": mask[:3]} if distinct else None
+    x1, x2 = _prompts(4, 6, seed=3, padded=(1, 4), distinct=distinct)
     output = lambda o: o.logits[:, -1, :3]  # noqa: E731
     # The norms compute in float32: kernels of different functions of the same model (the
     # pseudo-NTK's Σ_a f_a) agree to float32 rounding only.
@@ -469,12 +475,7 @@ def test_gpt2_conv1d_layers_are_linear_layers(distinct):
     from torch_ntk.empirical.api import KernelPlan
     model, output = _hf_models()["gpt2"]
     model = model.double().eval()
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 40, (5, 7), generator=g)
-    mask = torch.ones(5, 7, dtype=torch.long)
-    mask[2, 5:] = 0
-    x1 = {"input_ids": ids, "attention_mask": mask}
-    x2 = {"input_ids": ids[:3].flip(1), "attention_mask": mask[:3]} if distinct else None
+    x1, x2 = _prompts(5, 7, seed=2, padded=(2, 5), distinct=distinct)
     with KernelPlan(model, x1, output=output, method="structured") as plan:
         rules = {l.name: l.rule.name for l in plan.engine.layers}
     assert {r for n, r in rules.items() if n.endswith(("c_attn", "c_fc", "c_proj"))} == {"linear"}

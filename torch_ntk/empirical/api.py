@@ -408,7 +408,7 @@ class KernelPlan:
                 "no per-sample NTK can be taken exactly.")
         sample = x[verdict.sample:verdict.sample + 1]
         if verdict.kind == "mismatch" and self._repairs <= _REPAIRS:
-            dropped = engine.isolate(sample, self.direction, dtype=self.computing)
+            dropped = engine.isolate(sample, self.direction, dtype=self.computing, block=x)
         else:
             dropped = None
         if self.method == "structured":

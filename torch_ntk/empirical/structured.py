@@ -71,6 +71,10 @@ class StructuredNTK:
             if any(d == "ambiguous" for d in dims):
                 self.ambiguous = True
                 continue
+            if recorded and layer.rule.name == "embedding" and all(
+                    d is None and c.own and _broadcast(c) for c, d in zip(recorded, dims)):
+                layer.state["broadcast"] = True   # e.g. position ids of shape (1, T)
+                dims = [([0] * len(c.inputs()), [0] * len(c.outputs)) for c in recorded]
             if not recorded or any(d is None or not c.own for c, d in zip(recorded, dims)):
                 continue
             for c, (in_dims, out_dims) in zip(recorded, dims):
@@ -86,14 +90,16 @@ class StructuredNTK:
         self.probe_calls = {id(l.module): calls[id(l.module)] for l in self.layers}
         self.probe_calls.update({id(l.state["head"]): calls[id(l.state["head"])]
                                  for l in self.layers if "head" in l.state})
-        return f.detach() if isinstance(f, Tensor) else f
+        self.probe_output = f.detach() if isinstance(f, Tensor) else f
+        return self.probe_output
 
     def drop(self, names: set[str]) -> None:
         """Hands the named layers' parameters to the Jacobian path."""
         self._assign([l for l in self.layers if l.name not in names])
 
     def isolate(self, xs: Tensor, r: dict[str, Tensor], max_checks: int = 16,
-                dtype: torch.dtype | None = None) -> list[str] | None:
+                dtype: torch.dtype | None = None, block: Tensor | None = None
+                ) -> list[str] | None:
         """Hands to the Jacobian path the layers whose share ``verify`` finds wrong.
 
         Dropping layers never makes the kernel wrong (their parameters go to the exact
@@ -107,11 +113,20 @@ class StructuredNTK:
             r (dict of Tensor): the direction ``verify`` checks along.
             max_checks (int): ``verify`` calls allowed before giving up.
             dtype (torch.dtype, optional): the model's computing dtype (``verify.check``).
+            block (Tensor, optional): the whole block: broadcast layers (looked up once for
+                the batch) are suspects first, checked on it (their share can be wrong only
+                across samples).
         Returns:
             list[str] or None: the layers dropped, or None (the layers are then unchanged)
             when no proper subset of them passes within ``max_checks``.
         """
         layers = list(self.layers)
+        shared = [l.name for l in layers if l.state.get("broadcast")]
+        if shared and block is not None:   # wrong only across samples: not seen on xs alone
+            self._assign([l for l in layers if l.name not in shared])
+            if verify.check(self, block, r, dtype=dtype).ok:
+                return shared
+            self._assign(layers)
         dropped: list[str] = []
         checks_left = max_checks
 
@@ -153,11 +168,22 @@ class StructuredNTK:
             (list[str], output): names of layers that don't keep samples on their batch rows,
             and the model's output on ``x[rows]``.
         """
-        with _recording(self.layers) as calls, torch.enable_grad():
-            f_rows = self.model(x[rows])
-        f_rows = f_rows.detach() if isinstance(f_rows, Tensor) else f_rows
+        broadcast = [l.name for l in self.layers if l.state.get("broadcast")]
+        try:
+            calls, f_rows = self._rows_forward(x, rows, expand=True)
+        except Exception:   # noqa: BLE001 - the model can't take the expanded outputs
+            if not broadcast:
+                raise
+            calls, f_rows = self._rows_forward(x, rows, expand=False)
+            return broadcast, f_rows
+        if broadcast and not _rows_agree(f_rows, self.probe_output, rows):
+            calls_plain, f_plain = self._rows_forward(x, rows, expand=False)
+            if _rows_agree(f_plain, self.probe_output, rows):
+                return broadcast, f_plain   # the expanded outputs changed the model's
         bad = []
         for layer in self.layers:
+            if layer.state.get("broadcast"):
+                continue   # shared by the batch: the outputs above are its check
             for module in [layer.module] + ([layer.state["head"]] if "head" in layer.state
                                             else []):
                 small, batched = calls[id(module)], self.probe_calls[id(module)]
@@ -166,6 +192,14 @@ class StructuredNTK:
                     bad.append(layer.name)
                     break
         return bad, f_rows
+
+    def _rows_forward(self, x: Tensor, rows: Tensor, expand: bool):
+        """(recorded calls, output) of a hooked forward on ``x[rows]``; ``expand``: the
+        outputs of broadcast layers expanded to the batch, as ``factors`` runs them."""
+        with _recording(self.layers, expand_to=len(rows) if expand else None) as calls, \
+                torch.enable_grad():
+            f_rows = self.model(x[rows])
+        return calls, f_rows.detach() if isinstance(f_rows, Tensor) else f_rows
 
     def pair_cost(self, k: int) -> float:
         """Multiply-adds per pair of inputs of the full-kernel contraction (see api's model)."""
@@ -193,7 +227,7 @@ class StructuredNTK:
         over positions of outer products give those (``Rule.position_factors``) instead.
         """
         n = x.shape[0]
-        with _recording(self.layers, clone=True) as calls, torch.enable_grad():
+        with _recording(self.layers, clone=True, expand_to=n) as calls, torch.enable_grad():
             f = checks.check_output(self.model(x), n, "these inputs")
             for layer in self.layers:
                 _check_calls(layer, calls[id(layer.module)], n)
@@ -406,7 +440,8 @@ def _owners(model: nn.Module) -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, list]]:
+def _recording(layers: list[Layer], clone: bool = False,
+               expand_to: int | None = None) -> Iterator[dict[int, list]]:
     """Forward hooks recording each call of each layer's module; always removed.
 
     The recorded arguments are those the call received before any forward pre-hook (a rule
@@ -415,8 +450,12 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
     forward) are not calls of the forward and are not recorded. With ``clone`` the hook
     returns clones of the outputs, so that in-place operations later in the forward can't
     rewrite the recorded ``z``. A tied head (``layer.state["head"]``) is recorded too, under
-    its own id.
+    its own id. With ``expand_to``, a broadcast layer's inputs and outputs (leading axis 1,
+    shared by the batch) are expanded to that many rows, so δ is per sample.
     """
+    broadcast = {id(l.module) for l in layers if l.state.get("broadcast")}
+    expand = (lambda tree: pytree.tree_map(  # noqa: E731
+        lambda t: t.expand(expand_to, *t.shape[1:]) if isinstance(t, Tensor) else t, tree))
     registered: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
     for l in layers:
         units = [(l.module, {rel: l.module.get_parameter(rel) for rel in l.params})]
@@ -443,6 +482,9 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
             if in_backward() or not pending[id(module)]:
                 return None
             args, kwargs = pending[id(module)].pop()
+            widened = expand_to is not None and id(module) in broadcast
+            if widened:
+                args, kwargs, output = expand(args), expand(kwargs), expand(output)
             outs = output_tensors(output)
             if clone and outs:  # recorded: clones of the outputs; returned: their clones
                 output = pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o,
@@ -454,7 +496,7 @@ def _recording(layers: list[Layer], clone: bool = False) -> Iterator[dict[int, l
             calls[id(module)].append(call)
             if clone and outs:
                 return pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o, output)
-            return None
+            return output if widened else None
         return hook
 
     try:
@@ -536,6 +578,25 @@ def _check_calls(layer: Layer, calls: list[_Recorded], n: int, expected: int | N
                 f"empirical_ntk: layer {layer.name!r} was called with other shapes on a block "
                 f"of {n} inputs than on the probe; the model's structure depends on its input "
                 "or batch size. Use method='jacobian'.")
+
+
+def _broadcast(call: Call) -> bool:
+    """Every tensor of the call has a leading axis of 1 (shared by the batch, e.g. position
+    ids), and it returns tensors."""
+    tensors = call.inputs() + call.outputs
+    return bool(call.outputs) and all(t.dim() >= 1 and t.shape[0] == 1 for t in tensors)
+
+
+def _rows_agree(f_rows, f_probe, rows: Tensor) -> bool:
+    """The outputs on ``x[rows]`` equal rows ``rows`` of the probe's (to rounding)."""
+    if not (isinstance(f_rows, Tensor) and isinstance(f_probe, Tensor)):
+        return False
+    ref = f_probe.index_select(0, rows.to(f_probe.device))
+    if f_rows.shape != ref.shape:
+        return False
+    tol = checks.rounding_tolerance(ref.dtype, ref[0].numel() if ref.dim() else 1)
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return float((f_rows - ref).abs().max()) <= tol * max(scale, 1e-30) if ref.numel() else True
 
 
 def _layer_calls(layer: Layer, calls: dict[int, list]) -> list:

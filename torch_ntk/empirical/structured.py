@@ -174,10 +174,10 @@ class StructuredNTK:
         except Exception:   # noqa: BLE001 - the model can't take the expanded outputs
             if not broadcast:
                 raise
-            calls, f_rows = self._rows_forward(x, rows, expand=False)
+            _, f_rows = self._rows_forward(x, rows, expand=False)
             return broadcast, f_rows
         if broadcast and not _rows_agree(f_rows, self.probe_output, rows):
-            calls_plain, f_plain = self._rows_forward(x, rows, expand=False)
+            _, f_plain = self._rows_forward(x, rows, expand=False)
             if _rows_agree(f_plain, self.probe_output, rows):
                 return broadcast, f_plain   # the expanded outputs changed the model's
         bad = []
@@ -412,19 +412,17 @@ def _tied_heads(model: nn.Module, trainable: set[int], owners: dict[int, int]
                 ) -> dict[int, nn.Module]:
     """id(Embedding) -> the Linear that uses its table as its weight (and no other module),
     for the tables in ``trainable`` that the embedding rule and the linear rule both take."""
-    from torch_ntk.empirical.rules.elementwise import EmbeddingRule
-    from torch_ntk.empirical.rules.linear import LinearRule
     tables = {}
     for module in model.modules():
         w = module._parameters.get("weight")
         if (w is not None and id(w) in trainable and owners.get(id(w)) == 2
-                and EmbeddingRule().matches(module)):
+                and rule_for(module).name == "embedding"):
             tables[id(w)] = module
     heads = {}
     for module in model.modules():
         w = module._parameters.get("weight")
         if (w is not None and id(w) in tables and tables[id(w)] is not module
-                and isinstance(module, nn.Linear) and LinearRule().matches(module)):
+                and isinstance(module, nn.Linear) and rule_for(module).name == "linear"):
             heads[id(tables[id(w)])] = module
     return heads
 
@@ -592,11 +590,7 @@ def _rows_agree(f_rows, f_probe, rows: Tensor) -> bool:
     if not (isinstance(f_rows, Tensor) and isinstance(f_probe, Tensor)):
         return False
     ref = f_probe.index_select(0, rows.to(f_probe.device))
-    if f_rows.shape != ref.shape:
-        return False
-    tol = checks.rounding_tolerance(ref.dtype, ref[0].numel() if ref.dim() else 1)
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    return float((f_rows - ref).abs().max()) <= tol * max(scale, 1e-30) if ref.numel() else True
+    return _agree(f_rows, ref, ref[0].numel() if ref.dim() and len(ref) else 1)
 
 
 def _layer_calls(layer: Layer, calls: dict[int, list]) -> list:
@@ -655,16 +649,22 @@ def _same_rows(small: Call, batched: Call, rows: Tensor) -> bool:
         return False
     for a, b, d in pairs:
         a, ref = a.detach(), b.detach().index_select(d, rows.to(b.device))
-        if a.shape != ref.shape:
-            return False
-        if a.is_floating_point():
-            scale = float(ref.abs().max()) if ref.numel() else 0.0
-            tol = checks.rounding_tolerance(a.dtype, a.shape[-1] if a.dim() else 1)
-            if float((a - ref).abs().max()) > tol * max(scale, 1e-30):
-                return False
-        elif not torch.equal(a, ref):
+        if not _agree(a, ref, a.shape[-1] if a.dim() else 1):
             return False
     return True
+
+
+def _agree(a: Tensor, ref: Tensor, width: int) -> bool:
+    """Same shape and, to the rounding of sums of ``width`` terms, the same values (integer
+    tensors: equal)."""
+    if a.shape != ref.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, ref)
+    if not ref.numel():
+        return True
+    tol = checks.rounding_tolerance(a.dtype, width)
+    return float((a - ref).abs().max()) <= tol * max(float(ref.abs().max()), 1e-30)
 
 
 def _output_gradients(f: Tensor, zs: list[Tensor]) -> list[Tensor]:

@@ -193,6 +193,27 @@ def test_interaction_through_a_rare_sample_is_refused(method):
         torch_ntk.empirical_ntk(RareMean().double(), x, method=method)
 
 
+class DetachedRareScale(nn.Module):
+    """One rare sample scales every output by a detached batch sum: the same in any order of
+    the batch, so only a batch without the rare sample shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        gate = (x[:, :1] > 2.5).to(x.dtype)
+        return h * (1 + (gate * h).sum(0).detach())
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian"])
+def test_a_detached_statistic_of_a_rare_sample_is_refused(method):
+    x = _inputs(12, rare=[10])
+    with pytest.raises(ValueError, match="changed when the samples beside it"):
+        torch_ntk.empirical_ntk(DetachedRareScale().double(), x, method=method)
+
+
 class GradientOnlyMix(nn.Module):
     """Outputs per sample, but gradients mixed across the batch (a detached mean trick)."""
 

@@ -52,6 +52,12 @@ class JacobianNTK:
         """True: torch.func.vmap runs the model; False: per-sample autograd; None: no block yet."""
         return self.jacobian.vmap
 
+    @property
+    def per_sample(self) -> bool:
+        """The factors are each sample's alone (torch.func.vmap runs the model on batches of
+        one), so any batch of several samples is another batch for every one of them."""
+        return self.jacobian.vmap is True
+
     def bytes_per_sample(self, k: int) -> int:
         itemsize = next(iter(self.params.values())).element_size()
         return k * self.num_params * itemsize

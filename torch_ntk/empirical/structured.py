@@ -18,14 +18,13 @@ import contextlib
 from typing import Iterator, Mapping
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from torch_ntk.empirical import checks, jacobian, verify
 from torch_ntk.empirical.factors import Factors, contract
 from torch_ntk.empirical.rules import Call, Layer, rule_for
-from torch_ntk.empirical.rules.base import input_tensors, output_tensors
+from torch_ntk.empirical.rules.base import input_tensors, map_tensors, output_tensors
 from torch_ntk.empirical.verify import Projection
 
 
@@ -37,6 +36,7 @@ class StructuredNTK:
     def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
         self.model = model
         self.params = dict(params)
+        self._name_of = {id(p): name for name, p in self.params.items()}
         self.layers: list[Layer] = []
         self.foreign: dict[str, Tensor] = dict(self.params)
         self.foreign_jacobian = jacobian.PerSampleJacobian(model, self.foreign)
@@ -239,7 +239,7 @@ class StructuredNTK:
         out = Factors(outputs=f.detach())
         proj = None if r is None else Projection(n, f.shape[1], f.dtype, f.device, r)
         pooled, owners, names = [], [], []
-        name_of = {id(p): name for name, p in self.params.items()}
+        name_of = self._name_of
         for layer in self.layers:
             recorded = calls[id(layer.module)]
             per_call = [[next(deltas) for _ in c.outputs] for c in recorded]
@@ -312,15 +312,14 @@ class StructuredNTK:
     def _owner(self, layer: Layer) -> str | None:
         """The module that registers all of the layer's parameters (by their names in
         ``params``), or None when they come from several."""
-        names = {id(p): n for n, p in self.params.items()}
+        names = self._name_of
         modules = {jacobian.module_of(names[id(p)]) for p in layer.params.values()
                    if id(p) in names}
         return modules.pop() if len(modules) == 1 else None
 
     def _relative(self, layer: Layer, r: dict[str, Tensor]) -> dict[str, Tensor]:
         """The direction's entries for a layer's parameters, by names relative to its module."""
-        name_of = {id(p): name for name, p in self.params.items()}
-        return {rel: r[name_of[id(p)]] for rel, p in layer.params.items()}
+        return {rel: r[self._name_of[id(p)]] for rel, p in layer.params.items()}
 
     def _assign(self, kept: list[Layer]) -> None:
         """Decides which parameters each kept layer accounts for; the rest are foreign.
@@ -452,8 +451,8 @@ def _recording(layers: list[Layer], clone: bool = False,
     shared by the batch) are expanded to that many rows, so δ is per sample.
     """
     broadcast = {id(l.module) for l in layers if l.state.get("broadcast")}
-    expand = (lambda tree: pytree.tree_map(  # noqa: E731
-        lambda t: t.expand(expand_to, *t.shape[1:]) if isinstance(t, Tensor) else t, tree))
+    expand = (lambda tree: map_tensors(  # noqa: E731
+        lambda t: t.expand(expand_to, *t.shape[1:]), tree))
     registered: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
     for l in layers:
         units = [(l.module, {rel: l.module.get_parameter(rel) for rel in l.params})]
@@ -466,7 +465,7 @@ def _recording(layers: list[Layer], clone: bool = False,
     handles = []
 
     def detached(tree):
-        return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+        return map_tensors(Tensor.detach, tree)
 
     def in_backward() -> bool:
         return torch._C._current_graph_task_id() != -1
@@ -485,15 +484,14 @@ def _recording(layers: list[Layer], clone: bool = False,
                 args, kwargs, output = expand(args), expand(kwargs), expand(output)
             outs = output_tensors(output)
             if clone and outs:  # recorded: clones of the outputs; returned: their clones
-                output = pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o,
-                                         output)
+                output = map_tensors(Tensor.clone, output)
                 outs = output_tensors(output)
             own = all(_current(module, rel) is p for rel, p in registered.items())
             call = _Recorded(args, kwargs, outs if outs is not None else [])
             call.own = own and outs is not None and len(outs) > 0
             calls[id(module)].append(call)
             if clone and outs:
-                return pytree.tree_map(lambda o: o.clone() if isinstance(o, Tensor) else o, output)
+                return map_tensors(Tensor.clone, output)
             return output if widened else None
         return hook
 

@@ -13,7 +13,12 @@ sample's gradient is the one the factors describe" means, with probability 1 ove
 
 The forward runs on the block split into two sub-batches in another order (reversed), so the
 same pass also checks that each sample's output doesn't depend on which samples share its
-batch: the sub-batches' outputs must equal the block's.
+batch: the sub-batches' outputs must equal the block's. Where the factors are each sample's
+alone (the Jacobian under ``torch.func.vmap``, which runs the model on batches of one), the
+whole block reversed is already another batch for every sample: one forward instead of two.
+A single batch holding every sample would not do for factors of the whole block: an output
+that depends on the others only through a statistic of the set (a detached batch sum) is the
+same in any order.
 
 Where forward-mode autograd is missing for some operation (a custom ``autograd.Function``
 without ``jvp``), ``u`` comes from reverse-over-reverse (``∂/∂v ⟨∇_θ(v·f), r⟩``), still
@@ -62,7 +67,7 @@ class _FloatDtypes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
+        for leaf in (out,) if isinstance(out, Tensor) else pytree.tree_leaves(out):
             if isinstance(leaf, Tensor) and leaf.is_floating_point():
                 self.seen.add(leaf.dtype)
         return out
@@ -207,19 +212,21 @@ class Projection:
 
 @dataclass
 class Split:
-    """The model on a block split into two reordered sub-batches: outputs and ``J r``."""
+    """The model on a block reordered (two sub-batches, or one): outputs and ``J r``."""
 
     outputs: Tensor        # Tensor[n, K], rows in the block's order
     jvp: Tensor | None     # Tensor[n, K], None when no autograd mode could compute it
 
 
 def split_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor,
-                  r: dict[str, Tensor], want_jvp: bool = True, reverse: bool = False) -> Split:
-    """Runs the model on x (Tensor[n, *in_shape]) as two sub-batches in reversed order;
-    ``reverse`` takes ``J r`` from two reverse passes even where forward mode runs."""
+                  r: dict[str, Tensor], want_jvp: bool = True, reverse: bool = False,
+                  halves: bool = True) -> Split:
+    """Runs the model on x (Tensor[n, *in_shape]) as two sub-batches in reversed order, or
+    as one batch, reversed, without ``halves``; ``reverse`` takes ``J r`` from two reverse
+    passes even where forward mode runs."""
     n = x.shape[0]
     order = torch.arange(n - 1, -1, -1, device=x.device)
-    parts = [order[: n // 2], order[n // 2:]] if n > 1 else [order]
+    parts = [order[: n // 2], order[n // 2:]] if n > 1 and halves else [order]
     results = [_forward(model, params, x[idx], r, want_jvp, reverse) for idx in parts]
     inverse = torch.argsort(torch.cat(parts))
     outputs = torch.cat([f for f, _ in results])[inverse]
@@ -248,7 +255,8 @@ class Verdict:
 def check(engine, x: Tensor, r: dict[str, Tensor], factors=None,
           dtype: torch.dtype | None = None, reverse: bool = False) -> Verdict:
     """Checks an engine's factors of the block x (computed here when not given) against the
-    model's outputs and ``J r`` on a reordered split of the block, to the rounding of
+    model's outputs and ``J r`` on the block reordered (``split_forward``: in one batch for an
+    engine whose factors are each sample's alone, ``engine.per_sample``), to the rounding of
     ``dtype`` (the model's computing dtype; the outputs' by default); ``reverse`` as for
     ``split_forward``.
 
@@ -260,7 +268,7 @@ def check(engine, x: Tensor, r: dict[str, Tensor], factors=None,
         factors = engine.factors(x, r)
     scripted = any(isinstance(m, torch.jit.ScriptModule) for m in engine.model.modules())
     split = split_forward(engine.model, engine.params, x, r, want_jvp=not scripted,
-                          reverse=reverse)
+                          reverse=reverse, halves=not getattr(engine, "per_sample", False))
     f = factors.outputs
     if f.numel():
         scale = float(f.abs().max()) + float(split.outputs.abs().max()) + 1e-30

@@ -149,6 +149,8 @@ def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     pytree ``(args, [kwargs[key] for key in sorted(kwargs)])`` (tuples, lists, dicts, named
     tuples), so positional first, then keywords by name, e.g. ``[x, h, c]`` for an LSTM's
     ``(x, (h, c))``. ``local._rebuild`` puts replacements back in this order."""
+    if not kwargs and _flat_tensors(args):   # the common call: a few tensors, by position
+        return list(args)
     leaves = pytree.tree_leaves((tuple(args), [kwargs[key] for key in sorted(kwargs)]))
     return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
 
@@ -156,13 +158,31 @@ def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
 def output_tensors(output: Any) -> list[Tensor] | None:
     """The tensors a module returned, flattened (a Tensor, or nested tuples, lists and dicts
     of Tensors and Nones, like an LSTM's ``(y, (h, c))``); None for anything else."""
+    if isinstance(output, Tensor):
+        return [output]
     leaves = pytree.tree_leaves(output)
     if not all(leaf is None or isinstance(leaf, Tensor) for leaf in leaves):
         return None
     return [leaf for leaf in leaves if leaf is not None]
 
 
+def map_tensors(fn, tree: Any) -> Any:
+    """``tree`` (a pytree) with ``fn`` applied to each Tensor leaf, other leaves kept."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if type(tree) in (tuple, list) and _flat_tensors(tree):
+        return type(tree)(fn(t) for t in tree)
+    if type(tree) is dict and not tree:
+        return {}
+    return pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) else t, tree)
+
+
 # Internal helpers
+
+def _flat_tensors(items) -> bool:
+    """A plain tuple or list whose items are all Tensors (no nesting to walk)."""
+    return type(items) in (tuple, list) and all(isinstance(t, Tensor) for t in items)
+
 
 def _itemsize(layer: Layer) -> int:
     p = next(iter(layer.params.values()), None)

@@ -122,6 +122,36 @@ def test_matches_torch_into_slice(device, dtype, mode, case, symmetric):
 
 
 @needs_native
+@pytest.mark.parametrize("symmetric", [False, True], ids=["distinct", "symmetric"])
+@pytest.mark.parametrize("k,q", [(1, 300_007), (3, 280_001)])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_wide_gradients_of_few_samples_on_cpu(dtype, mode, k, q, symmetric):
+    """One tile of a few samples with wide per-sample gradients: the trace's long reductions
+    are split over the threads and the diagonal's GEMMs run in parallel (both layouts of d:
+    contiguous, and a (K, N, q) transpose)."""
+    n1, n2 = 5, 5 if symmetric else 3
+    h1, d1 = _factors(n1, k, [0, 3], [q, q // 2], dtype, "cpu", seed=4)
+    h2, d2 = (h1, d1) if symmetric else _factors(n2, k, [0, 3], [q, q // 2], dtype, "cpu",
+                                                   seed=5)
+    c = [1.0, 0.5]
+    out = torch.empty(_shape(mode, n1, n2, k), dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if symmetric:
+            torch.ops.torch_ntk.gram_sum_sym_out(h1, d1, c, mode, out)
+        else:
+            torch.ops.torch_ntk.gram_sum_out(h1, h2, d1, d2, c, mode, out)
+    finally:
+        torch.set_num_threads(threads)
+    ref = _reference(h1, h2, d1, d2, c, mode, n1, n2, k, symmetric)
+    _assert_close(out, ref, TOL[dtype], f"wide {mode} {dtype} K={k} sym={symmetric}")
+    if symmetric:
+        assert torch.equal(out, _mirror(out, mode)), "symmetric result is not exactly symmetric"
+
+
+@needs_native
 @pytest.mark.parametrize("device", DEVICES)
 def test_gram_sum_takes_the_route_and_agrees(device):
     """On CPU the native op must run; on CUDA whichever backend the route names must run."""

@@ -111,6 +111,42 @@ void tile_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, in
      b.narrow(0, h, rows - h));
 }
 
+// Columns per chunk of a long reduction (a reduction shorter than one is not split), and the
+// tile edge (samples) up to which a single tile's trace GEMMs are split along it (see
+// reduce_mm) and its diagonal's GEMMs, one per output, run in parallel.
+constexpr int64_t kReduceChunk = int64_t(1) << 17;
+constexpr int64_t kFewRows = 64;
+
+// out (+)= a bᵀ like tile_mm, for a tile of few rows and columns whose reduction (the columns of
+// a and b) is long: the trace and the diagonal of wide per-sample gradients. The BLAS threads a
+// GEMM over its output, which such a tile barely has, so it would run on one thread; here the
+// reduction is cut into an even number of chunks of at most kReduceChunk columns, each chunk's
+// GEMM runs on one thread, and the partial products are summed in chunk order (the same sums
+// whatever the thread count).
+// Inside a parallel region (tiles already spread over the threads) it is one GEMM.
+void reduce_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+               bool accumulate) {
+  const int64_t len = a.size(1);
+  if (len < kReduceChunk || at::in_parallel_region() || at::get_num_threads() < 2) {
+    tile_mm(out, a, b, 1, false, accumulate);
+    return;
+  }
+  const int64_t chunks = 2 * ceil_div(len, 2 * kReduceChunk);   // even: two threads balance
+  const int64_t step = ceil_div(len, chunks);
+  at::Tensor partial = at::zeros({chunks, out.size(0), out.size(1)}, out.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t start = c * step, width = std::min(step, len - start);
+      if (width <= 0) continue;
+      at::Tensor part = partial.select(0, c);
+      at::mm_out(part, a.narrow(1, start, width), b.narrow(1, start, width).t());
+    }
+  });
+  at::Tensor total = partial.sum(0);
+  if (accumulate) out.add_(total);
+  else out.copy_(total);
+}
+
 // out[i, j, a, b] (+)= (gh[i, j] + c) * gd[i*K + a, j*K + b] over the tile.
 template <typename scalar_t, bool kFirst, bool kUnitStride>
 void add_full(scalar_t* out, const int64_t* st, const scalar_t* gh, scalar_t c,
@@ -240,21 +276,35 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
           else if (unit) add_full<scalar_t, false, true>(out_tile, st, gh, c, gd, tn, tm, k);
           else add_full<scalar_t, false, false>(out_tile, st, gh, c, gd, tn, tm, k);
         } else {
+          // A single tile of few samples: its long reductions are split over the threads.
+          const bool few = single && tn <= kFewRows && tm <= kFewRows;
+          auto mm = [&](const at::Tensor& o, const at::Tensor& x, const at::Tensor& y,
+                        bool accumulate) {
+            if (few) reduce_mm(o, x, y, accumulate);
+            else tile_mm(o, x, y, 1, diag, accumulate);
+          };
           if (mode == GramMode::Trace && ly.flat) {
             at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
-            tile_mm(gd_t, ly.d1.view({-1, k * ly.q}).narrow(0, tile.n0, tn),
-                    ly.d2.view({-1, k * ly.q}).narrow(0, tile.m0, tm), 1, diag, false);
+            mm(gd_t, ly.d1.view({-1, k * ly.q}).narrow(0, tile.n0, tn),
+               ly.d2.view({-1, k * ly.q}).narrow(0, tile.m0, tm), false);
           } else if (mode == GramMode::Trace) {  // Σ_a D1_a D2_aᵀ, one GEMM per output
             at::Tensor gd_t = gd_buf.narrow(0, 0, tn * tm).view({tn, tm});
             for (int64_t a = 0; a < k; ++a) {
-              tile_mm(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
-                      ly.d2.select(1, a).narrow(0, tile.m0, tm), 1, diag, a > 0);
+              mm(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
+                 ly.d2.select(1, a).narrow(0, tile.m0, tm), a > 0);
             }
-          } else {
-            for (int64_t a = 0; a < k; ++a) {
+          } else {   // one GEMM per output: those of a single tile of few samples in parallel
+            auto output = [&](int64_t a) {
               at::Tensor gd_t = gd_buf.narrow(0, a * tn * tm, tn * tm).view({tn, tm});
               tile_mm(gd_t, ly.d1.select(1, a).narrow(0, tile.n0, tn),
                       ly.d2.select(1, a).narrow(0, tile.m0, tm), 1, diag, false);
+            };
+            if (few && k > 1) {
+              at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+                for (int64_t a = begin; a < end; ++a) output(a);
+              });
+            } else {
+              for (int64_t a = 0; a < k; ++a) output(a);
             }
           }
           if (first) add_small<scalar_t, true>(out_tile, st, gh, c, gd, tn, tm, kd);

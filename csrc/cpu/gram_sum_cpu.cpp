@@ -123,12 +123,13 @@ constexpr int64_t kFewRows = 64;
 // reduction is cut into an even number of chunks of at most kReduceChunk columns, each chunk's
 // GEMM runs on one thread, and the partial products are summed in chunk order (the same sums
 // whatever the thread count).
-// Inside a parallel region (tiles already spread over the threads) it is one GEMM.
-void reduce_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+// A shorter reduction, or one inside a parallel region (tiles already spread over the
+// threads), is tile_mm's (`diag` as there).
+void reduce_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool diag,
                bool accumulate) {
   const int64_t len = a.size(1);
   if (len < kReduceChunk || at::in_parallel_region() || at::get_num_threads() < 2) {
-    tile_mm(out, a, b, 1, false, accumulate);
+    tile_mm(out, a, b, 1, diag, accumulate);
     return;
   }
   const int64_t chunks = 2 * ceil_div(len, 2 * kReduceChunk);   // even: two threads balance
@@ -280,7 +281,7 @@ void gram_sum_cpu_impl(const std::vector<Layer>& layers, GramMode mode, int64_t 
           const bool few = single && tn <= kFewRows && tm <= kFewRows;
           auto mm = [&](const at::Tensor& o, const at::Tensor& x, const at::Tensor& y,
                         bool accumulate) {
-            if (few) reduce_mm(o, x, y, accumulate);
+            if (few) reduce_mm(o, x, y, diag, accumulate);
             else tile_mm(o, x, y, 1, diag, accumulate);
           };
           if (mode == GramMode::Trace && ly.flat) {

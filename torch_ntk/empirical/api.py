@@ -385,9 +385,9 @@ class KernelPlan:
             raise ValueError(
                 f"empirical_ntk: the model's output for {where} changed when the samples beside "
                 "it changed (its batch was reordered, or split in two), so the per-sample NTK "
-                "is undefined: samples interact (e.g. batch statistics, attention across the batch, "
-                "a term that mixes a rare sample into the others) or the forward is random. Make "
-                "the forward act on each sample independently.")
+                "is undefined: samples interact (e.g. batch statistics, attention across the "
+                "batch, a term that mixes a rare sample into the others) or the forward is "
+                "random. Make the forward act on each sample independently.")
         engine, self._repairs = self.engine, self._repairs + 1
         if isinstance(engine, JacobianNTK):
             if engine.jacobian.vmap is not False:    # torch.func misses uses outside the

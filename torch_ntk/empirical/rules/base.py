@@ -170,7 +170,7 @@ def map_tensors(fn, tree: Any) -> Any:
     """``tree`` (a pytree) with ``fn`` applied to each Tensor leaf, other leaves kept."""
     if isinstance(tree, Tensor):
         return fn(tree)
-    if type(tree) in (tuple, list) and _flat_tensors(tree):
+    if _flat_tensors(tree):
         return type(tree)(fn(t) for t in tree)
     if type(tree) is dict and not tree:
         return {}

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import torch_ntk
-from conftest import assert_close
+from conftest import assert_close, autograd_ntk
 
 F64 = torch.float64
 
@@ -324,6 +324,27 @@ def test_batch_size_bounds_the_factor_cache(monkeypatch):
                             batch_size=2)
     per_sample = (3 + 2 * 64 + 64 + 2 * 2) * 8
     assert sizes and sizes[-1] <= 4 * 2 * per_sample + 1
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+@pytest.mark.parametrize("free_gib", [64, 0])
+def test_wide_factors_take_equal_blocks_where_memory_allows(monkeypatch, mode, free_gib):
+    """Factors wider than the block budget: equal blocks of up to _WIDE_BLOCK samples while
+    every block fits in memory, the plain budget otherwise; the kernel is the same."""
+    from torch_ntk.empirical import api
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    per_sample = 2 * sum(p.numel() for p in model.parameters()) * 8
+    monkeypatch.setattr(api, "_FACTOR_BYTES", 2 * per_sample)      # a block of 2 by budget
+    monkeypatch.setattr(api, "_WIDE_BLOCK", 8)
+    monkeypatch.setattr(api, "_free_bytes", lambda device: free_gib * 2 ** 30)
+    sizes = []
+    real = api._blocks
+    monkeypatch.setattr(api, "_blocks", lambda n, size: sizes.append(size) or real(n, size))
+    x = torch.randn(19, 3, dtype=F64)
+    got = torch_ntk.empirical_ntk(model, x, mode=mode, method="jacobian")
+    assert sizes[-1] == (7 if free_gib else 2)     # 19 samples: 7, 7, 5 (not 8, 8, 3)
+    ref = autograd_ntk(model, x, x)
+    assert_close(got, ref if mode == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1), F64)
 
 
 def test_integer_inputs_to_a_float_model_are_named():

@@ -18,7 +18,7 @@ _FACTOR_BYTES = 512 * 2 ** 20    # default budget for the factors of one block o
 _TILE_BYTES = 512 * 2 ** 20      # default budget for one output tile
 _CACHE_BYTES = 2 * 2 ** 30       # factors of x2 blocks kept for reuse across rows
 _CACHED_BLOCKS = 4               # ... or this many blocks when the caller sets batch_size
-_WIDE_BLOCK = 16                 # samples per block of wide factors, where memory allows
+_WIDE_BLOCK = 128                # samples per block of wide factors, where memory allows
 # The cost model of "auto", in one place: multiply-adds per pair of inputs. The Jacobian method
 # contracts K² P; the structured one Σ_l cost_l (Gram layers p_l + K² q_l, per-sample layers
 # K² P_l, position pairs T² (p_l + K² q_l)). Both spend about the same per input on forward and
@@ -643,11 +643,13 @@ def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int,
 
     Wide factors (a per-sample Jacobian of millions of parameters) make that a block of one
     or two samples, whose tiles are GEMMs of K rows that read both blocks from memory for
-    few multiply-adds each (ResNet-18's full kernel at N = 16 took 2.5x the recipe's time).
-    When every block's factors fit in half of the memory free now (the column cache
-    keeps them all anyway), blocks grow to ``_WIDE_BLOCK`` samples while each fits a quarter
-    (a block's peak is its factors and about a third more: timm's vit_tiny, N = 16, float32,
-    a 3.5 GB Jacobian in one block, 4.5 GB peak resident memory).
+    few multiply-adds each (ResNet-18's full kernel at N = 16 took 2.5x the recipe's time; the
+    MLP's trace at N = 256 in blocks of 22, 13 s against 6.3 s in blocks of 128). When every
+    block's factors fit in half of the memory free now (the column cache keeps them all
+    anyway), blocks grow to ``_WIDE_BLOCK`` samples while each fits a quarter (a block's peak
+    is its factors and about a third more: timm's vit_tiny, N = 16, float32, a 3.5 GB Jacobian
+    in one block, 4.5 GB peak resident memory), and are made equal (16 samples in two blocks
+    of 8, not 13 and 3).
     """
     per_pair = _modes.entries_per_pair(k, mode) * dtype.itemsize
     by_tile = int(math.sqrt(_TILE_BYTES / per_pair))
@@ -658,7 +660,9 @@ def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int,
     if by_factors < _WIDE_BLOCK and device is not None and not positions:
         free = _free_bytes(device)
         if n * per_sample <= free // 2:
-            by_factors = max(by_factors, min(_WIDE_BLOCK, free // 4 // per_sample))
+            wide = max(1, min(n, by_tile, _WIDE_BLOCK, free // 4 // per_sample))
+            if wide > by_factors:
+                return -(-n // -(-n // wide))   # ceil(n / blocks), blocks = ceil(n / wide)
     return max(1, min(n, by_tile, by_factors))
 
 

@@ -644,7 +644,7 @@ def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int,
     Wide factors (a per-sample Jacobian of millions of parameters) make that a block of one
     or two samples, whose tiles are GEMMs of K rows that read both blocks from memory for
     few multiply-adds each (ResNet-18's full kernel at N = 16 took 2.5x the recipe's time; the
-    MLP's trace at N = 256 in blocks of 22, 13 s against 6.3 s in blocks of 128). When every
+    MLP's trace at N = 256 in blocks of 22, 13 s against 6.1-7.0 s in blocks of 128). When every
     block's factors fit in half of the memory free now (the column cache keeps them all
     anyway), blocks grow to ``_WIDE_BLOCK`` samples while each fits a quarter (a block's peak
     is its factors and about a third more: timm's vit_tiny, N = 16, float32, a 3.5 GB Jacobian

@@ -347,6 +347,40 @@ def test_wide_factors_take_equal_blocks_where_memory_allows(monkeypatch, mode, f
     assert_close(got, ref if mode == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1), F64)
 
 
+class WideForward(nn.Module):
+    """Few parameters, a forward that holds 2,000 times its input per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        spread = torch.tanh(self.inner(x)).repeat(1, 375)                 # (n, 6000)
+        return self.head(spread.view(x.shape[0], 375, 16).mean(1))
+
+
+def test_wide_blocks_leave_room_for_the_forward(monkeypatch):
+    """Blocks grow only while each block's factors and its forward (once per output) fit."""
+    from torch_ntk.empirical import api
+    model = WideForward().double()
+    per_sample = 2 * sum(p.numel() for p in model.parameters()) * 8
+    monkeypatch.setattr(api, "_FACTOR_BYTES", 2 * per_sample)
+    monkeypatch.setattr(api, "_WIDE_BLOCK", 8)
+    sizes = []
+    real = api._blocks
+    monkeypatch.setattr(api, "_blocks", lambda n, size: sizes.append(size) or real(n, size))
+    x = torch.randn(19, 3, dtype=F64)
+    forward = 2 * 48000     # the repeated tensor alone, once per output
+    for room, most in ((4, 4), (100, 7)):  # a quarter: 8+ samples' factors, `room` forwards
+        monkeypatch.setattr(api, "_free_bytes",
+                            lambda device: 4 * room * (per_sample + forward))
+        got = torch_ntk.empirical_ntk(model, x, method="jacobian")
+        assert 2 <= sizes[-1] <= most
+        assert_close(got, autograd_ntk(model, x, x), F64)
+    assert sizes[-1] == 7
+
+
 def test_integer_inputs_to_a_float_model_are_named():
     with pytest.raises(TypeError, match="failed on x1 of dtype torch.int64.*x1.to"):
         torch_ntk.empirical_ntk(nn.Linear(3, 2), torch.randint(0, 5, (4, 3)))

@@ -499,16 +499,17 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     if scripted:
                         engine.jacobian.use_autograd()
                     with torch.enable_grad():  # every forward of a call runs in grad mode
-                        f_probe, computing = verify.computing_dtype(
+                        f_probe, computing, produced = verify.computing_dtype(
                             lambda: _detached(model(probe)), torch.float64)
                     break
                 engine = StructuredNTK(model, params)
-                f_probe, computing = verify.computing_dtype(lambda: engine.plan(probe),
-                                                            torch.float64)
+                f_probe, computing, produced = verify.computing_dtype(
+                    lambda: engine.plan(probe), torch.float64)
             if not engine.ambiguous:
                 break
         f_probe = checks.check_output(f_probe, probe.shape[0], "x1")
         computing = verify.least_precise(computing, f_probe.dtype)
+        activations = produced // probe.shape[0]
         if by_cost and method == "auto" and engine.factorised and _too_costly(
                 engine, params, f_probe.shape[1]):
             if _forms_cheaper(engine, params, f_probe.shape[1]):
@@ -544,6 +545,7 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                 blame_randomness()
                 raise
         if method == "jacobian":
+            engine.activations = activations
             return engine, f_probe.shape[1], computing
         moved = sorted(moved)
         if moved and method == "structured":
@@ -560,7 +562,8 @@ def _choose_engine(model: nn.Module, params: dict[str, Tensor], x1: Tensor,
                     "empirical_ntk: method='structured' found no layer whose calls keep the "
                     "batch on one axis; the trainable parameters live in "
                     f"{', '.join(blocking_modules(model))}. Use method='jacobian' or 'auto'.")
-            return _fallback(model, params, "no layer"), k, computing
+            engine = _fallback(model, params, "no layer")
+    engine.activations = activations
     return engine, k, computing
 
 
@@ -646,10 +649,11 @@ def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int,
     few multiply-adds each (ResNet-18's full kernel at N = 16 took 2.5x the recipe's time; the
     MLP's trace at N = 256 in blocks of 22, 13 s against 6.1-7.0 s in blocks of 128). When every
     block's factors fit in half of the memory free now (the column cache keeps them all
-    anyway), blocks grow to ``_WIDE_BLOCK`` samples while each fits a quarter (a block's peak
-    is its factors and about a third more: timm's vit_tiny, N = 16, float32, a 3.5 GB Jacobian
-    in one block, 4.5 GB peak resident memory), and are made equal (16 samples in two blocks
-    of 8, not 13 and 3).
+    anyway), blocks grow to ``_WIDE_BLOCK`` samples while each fits a quarter with its
+    forward's tensors once per output (``engine.activations``, per sample, measured on the
+    probe: the K reverse passes of a block run at once), and are made equal (16 samples in two
+    blocks of 8, not 13 and 3). A block's peak is its factors and about a third more (timm's
+    vit_tiny, N = 16, float32: a 3.5 GB Jacobian in one block, 4.5 GB peak resident memory).
     """
     per_pair = _modes.entries_per_pair(k, mode) * dtype.itemsize
     by_tile = int(math.sqrt(_TILE_BYTES / per_pair))
@@ -660,7 +664,8 @@ def _default_batch_size(engine, k: int, mode: str, dtype: torch.dtype, n: int,
     if by_factors < _WIDE_BLOCK and device is not None and not positions:
         free = _free_bytes(device)
         if n * per_sample <= free // 2:
-            wide = max(1, min(n, by_tile, _WIDE_BLOCK, free // 4 // per_sample))
+            working = per_sample + k * engine.activations
+            wide = max(1, min(n, by_tile, _WIDE_BLOCK, free // 4 // working))
             if wide > by_factors:
                 return -(-n // -(-n // wide))   # ceil(n / blocks), blocks = ceil(n / wide)
     return max(1, min(n, by_tile, by_factors))

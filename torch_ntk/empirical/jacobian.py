@@ -40,6 +40,7 @@ class JacobianNTK:
     (one entry per parameter; the upper triangle only for a symmetric block)."""
 
     name = "jacobian"
+    activations = 0   # bytes of the model's forward per sample (set from the probe)
 
     def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
         self.model = model

@@ -32,6 +32,7 @@ class StructuredNTK:
     """Structured NTK engine for one model; ``plan`` must run before ``factors``."""
 
     name = "structured"
+    activations = 0   # bytes of the model's forward per sample (set from the probe)
 
     def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
         self.model = model

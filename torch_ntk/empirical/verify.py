@@ -59,27 +59,30 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 class _FloatDtypes(TorchFunctionMode):
-    """Records the floating dtypes of every torch function's tensor outputs."""
+    """Records the floating dtypes of every torch function's tensor outputs, and their bytes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[torch.dtype] = set()
+        self.bytes = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for leaf in (out,) if isinstance(out, Tensor) else pytree.tree_leaves(out):
             if isinstance(leaf, Tensor) and leaf.is_floating_point():
                 self.seen.add(leaf.dtype)
+                self.bytes += leaf.numel() * leaf.element_size()
         return out
 
 
 def computing_dtype(forward, dtype: torch.dtype):
     """Runs ``forward()`` and returns (its result, the least precise floating dtype any torch
-    function in it produced, ``dtype`` at most): a float64 model whose norms compute in
-    float32 (e.g. Hugging Face's RMSNorm) is only as exact as float32."""
+    function in it produced, ``dtype`` at most, and the bytes of the floating tensors they
+    produced): a float64 model whose norms compute in float32 (e.g. Hugging Face's RMSNorm) is
+    only as exact as float32; the bytes bound what a forward keeps for its reverse pass."""
     with _FloatDtypes() as mode:
         result = forward()
-    return result, least_precise(*mode.seen, dtype)
+    return result, least_precise(*mode.seen, dtype), mode.bytes
 
 
 def least_precise(*dtypes: torch.dtype) -> torch.dtype:
